@@ -1,0 +1,258 @@
+"""One typed config for a run: model, diffusion, data, optimiser and run settings.
+
+A run is a :class:`TrainConfig`. It comes from presets, a YAML/JSON file and dotted CLI
+overrides (``--optim.lr=3e-4``), each checked against the dataclass field types; unknown keys and
+wrong types fail with a message that names the key and what is allowed. Everything else (the
+DeepSpeed JSON, the model, the diffusion) is derived from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+# --------------------------------------------------------------------------- model presets
+# The paper's sizes (all patch 2, 256px images -> 32x32x4 SD-VAE latents, 1000 classes), with the
+# decoder depths of the release scripts / paper (6/6/4/4), plus small presets that run on a CPU.
+_IMAGENET = dict(input_size=32, patch_size=2, in_channels=4, num_classes=1000)
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "MDTv2-S/2": dict(_IMAGENET, depth=12, hidden_size=384, num_heads=6, decode_layer=6),
+    "MDTv2-B/2": dict(_IMAGENET, depth=12, hidden_size=768, num_heads=12, decode_layer=6),
+    "MDTv2-L/2": dict(_IMAGENET, depth=24, hidden_size=1024, num_heads=16, decode_layer=4),
+    "MDTv2-XL/2": dict(_IMAGENET, depth=28, hidden_size=1152, num_heads=16, decode_layer=4),
+    # Tests: 8x8x4 latents (16 tokens), 10 classes; about 0.2M parameters.
+    "MDTv2-Tiny/2": dict(
+        input_size=8, patch_size=2, in_channels=4, num_classes=10, depth=4, hidden_size=64,
+        num_heads=4, decode_layer=2,
+    ),
+    # The CPU demo (MACHINE_NOTES "Demo recipe"): 16x16 MNIST pixels, 64 tokens, 10 classes.
+    "MDTv2-Demo/2": dict(
+        input_size=16, patch_size=2, in_channels=1, num_classes=10, depth=6, hidden_size=128,
+        num_heads=4, decode_layer=2,
+    ),
+}
+
+
+class ConfigError(ValueError):
+    """A config value, key or file is wrong; the message names it and says what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    """MDTv2 constructor arguments (the release's keyword names) plus the preset they came from."""
+
+    preset: str = "MDTv2-S/2"
+    input_size: int = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    class_dropout_prob: float = 0.1
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    mask_ratio: float | None = 0.3
+    decode_layer: int = 6
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in MODEL_PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+        return cls(preset=name, **{**MODEL_PRESETS[name], **overrides})
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``MDTv2(...)``."""
+        kwargs = dataclasses.asdict(self)
+        kwargs.pop("preset")
+        return kwargs
+
+
+@dataclass
+class DiffusionConfig:
+    """Improved-DDPM diffusion as MDTv2 uses it (linear betas, eps prediction, learned range)."""
+
+    num_timesteps: int = 1000
+    min_snr_gamma: float = 5.0  # Min-SNR weight min(SNR, gamma) / SNR on the mse term
+    sample_steps: str = "250"  # respacing for sampling: "250" or "ddim50"
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    cfg_scale: float = 1.0  # 1.0 = no guidance
+    cfg_pow: float = 4.0
+    guide_channels: Literal["release", "all"] = "release"
+
+
+@dataclass
+class DataConfig:
+    """Where training samples come from: a shard directory with a manifest.json, or "mnist16" /
+    "mnist32" for the embedded MNIST digits."""
+
+    source: str = "mnist16"
+    num_workers: int = 1
+    shuffle_buffer: int = 1000
+    resampled: bool = True
+    skip_corrupt: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser. Adan defaults are the official ones (betas .98/.92/.99, eps 1e-8)."""
+
+    name: Literal["adan", "adamw"] = "adan"
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.98, 0.92, 0.99])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    no_prox: bool = False
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """One training run. ``global_batch = micro_batch x grad_accum x world_size``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run_dir: str = "runs/default"
+    steps: int = 400_000
+    global_batch: int = 256
+    micro_batch: int = 0  # 0: global_batch / world_size (no accumulation)
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    ds_config: str = ""  # a systems-knobs JSON from ds_configs/; empty: derived defaults only
+    activation_checkpointing: Literal["none", "encoder", "all"] = "none"
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + step) / (10 + step)) for short runs
+    seed: int = 0
+    log_every: int = 100
+    ckpt_every: int = 5000
+    sample_every: int = 0  # 0: no sample grids during training
+    max_bad_steps: int = 0  # NaN/inf steps skipped before the run stops
+
+
+# --------------------------------------------------------------------------- (de)serialisation
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check (and gently convert: int -> float, "3e-4" -> float on the CLI) one value."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(tp):
+            return None
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _coerce(value, options[0], key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(allowed)}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a dict, rejecting unknown keys and wrong types.
+    A model section with a ``preset`` key starts from that preset."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or cls.__name__}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"{path}." if path else ""
+        raise ConfigError(f"unknown key {where}{unknown[0]}; allowed keys: {names}")
+    values = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    if cls is ModelConfig and "preset" in values:
+        return ModelConfig.from_preset(values.pop("preset"), **values)
+    return cls(**values)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _parse_cli_value(text: str) -> Any:
+    """CLI values are JSON when they parse as JSON (numbers, true/false, null, lists), else text."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply ``section.key=value`` overrides. ``model.preset=...`` is applied first and resets
+    the model fields to that preset; later model overrides go on top."""
+    data = to_dict(cfg)
+    pairs = []
+    for item in overrides:
+        item = item[2:] if item.startswith("--") else item
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=3e-4)")
+        key, text = item.split("=", 1)
+        pairs.append((key, _parse_cli_value(text)))
+    pairs.sort(key=lambda kv: kv[0] != "model.preset")
+    for key, value in pairs:
+        if key == "model.preset":
+            data["model"] = {"preset": value}
+            continue
+        *parents, leaf = key.split(".")
+        node = data
+        for i, part in enumerate(parents):
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown key {'.'.join(parents[: i + 1])} in override {key!r}")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"unknown key {key}; allowed keys: {sorted(node)}")
+        node[leaf] = value
+    return from_dict(TrainConfig, data)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults <- YAML/JSON file <- dotted overrides."""
+    cfg = TrainConfig()
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+        cfg = from_dict(TrainConfig, data)
+    return apply_overrides(cfg, overrides or [])
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")

@@ -1,0 +1,237 @@
+"""Building blocks of MDTv2, written to match the official release (sail-sg/MDT 7d26c21).
+
+Every module name here maps one-to-one onto a state_dict key of the released checkpoints
+(`attn.qkv`, `attn.rel_pos_bias.relative_position_bias_table`, `mlp.fc1`, `adaLN_modulation.1`,
+`skip_linear`, ...), so official weights load with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation (DiT): per-sample shift and scale broadcast over tokens."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class PatchEmbed(nn.Module):
+    """Conv patchify, flattened row-major into tokens (key `x_embedder.proj`)."""
+
+    def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        self.patch_size = patch_size
+        self.grid_size = input_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal timestep embedding ([cos, sin], 256-d, max period 1e4) then an MLP (DiT)."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        # GLIDE/ADM form: freqs = exp(-ln(max_period) * i / half), embedding = [cos, sin].
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        args = t[:, None].float() * freqs.to(t.device)[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class embedding with an extra null class (index ``num_classes``) for classifier-free
+    guidance; labels are dropped with probability ``dropout_prob`` in training."""
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        use_cfg_embedding = int(dropout_prob > 0)
+        self.embedding_table = nn.Embedding(num_classes + use_cfg_embedding, hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if force_drop_ids is None:
+            # The release draws on the CPU generator, then moves the mask to the labels' device.
+            drop_ids = (torch.rand(labels.shape[0]) < self.dropout_prob).to(labels.device)
+        else:
+            drop_ids = force_drop_ids == 1
+        return torch.where(drop_ids, torch.full_like(labels, self.num_classes), labels)
+
+    def forward(
+        self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+def relative_position_index(grid: int) -> torch.Tensor:
+    """BEiT/Swin relative position index over a ``grid x grid`` token grid (row-major tokens):
+    ``(dr + grid - 1) * (2 grid - 1) + (dc + grid - 1)``, with dr, dc = query minus key."""
+    coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"))
+    coords = coords.flatten(1)  # [2, L]: (row, col) of each token
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # [L, L, 2]
+    return (rel[..., 0] + grid - 1) * (2 * grid - 1) + (rel[..., 1] + grid - 1)
+
+
+class RelativePositionBias(nn.Module):
+    """A learned bias per (relative offset, head). The table keeps BEiT's 3 unused cls slots so
+    its shape, ``[(2g-1)^2 + 3, heads]``, is the release's."""
+
+    def __init__(self, grid: int, num_heads: int):
+        super().__init__()
+        self.grid = grid
+        self.num_relative_distance = (2 * grid - 1) ** 2 + 3
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(self.num_relative_distance, num_heads))
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        self.register_buffer("relative_position_index", relative_position_index(grid), persistent=True)
+
+    def forward(self) -> torch.Tensor:
+        """The full bias ``[heads, L, L]``."""
+        length = self.grid**2
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(length, length, -1).permute(2, 0, 1)
+
+
+def gather_bias(bias: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    """Per-sample bias ``[B, H, K, K]`` for the kept tokens: ``bias[h, keep[b, i], keep[b, j]]``
+    (rows gathered first, then columns, as the release does)."""
+    batch, kept = ids_keep.shape
+    heads, length, _ = bias.shape
+    rows = ids_keep[:, None, :, None].expand(batch, heads, kept, length)
+    bias = torch.gather(bias.unsqueeze(0).expand(batch, -1, -1, -1), 2, rows)
+    cols = ids_keep[:, None, None, :].expand(batch, heads, kept, kept)
+    return torch.gather(bias, 3, cols)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention ``softmax(q k^T / sqrt(d) + B) v`` with a relative position
+    bias B, computed by ``scaled_dot_product_attention`` with B as an additive float mask."""
+
+    def __init__(self, dim: int, num_heads: int, grid: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.rel_pos_bias = RelativePositionBias(grid, num_heads)
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch, tokens, dim = x.shape
+        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
+
+    def bias(self, ids_keep: torch.Tensor | None) -> torch.Tensor:
+        bias = self.rel_pos_bias()
+        return bias.unsqueeze(0) if ids_keep is None else gather_bias(bias, ids_keep)
+
+    def forward(self, x: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        batch, tokens, dim = x.shape
+        q, k, v = self.qkv_heads(x)
+        # Under autocast q is bf16/fp16 while the table is fp32: SDPA needs the mask in q.dtype.
+        bias = self.bias(ids_keep).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU(tanh) -> fc2, key names as timm's Mlp."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class MDTBlock(nn.Module):
+    """DiT block with adaLN-Zero, a relative position bias, and (for skip blocks) a
+    ``skip_linear(cat([x, skip]))`` at its input: the long skips of en_outblocks and the dense
+    input shortcut of de_blocks. Skip and kept indices are explicit arguments so that an
+    activation-checkpointing wrapper applied from outside can pass them through."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, grid: int, skip: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, grid)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        self.skip_linear = nn.Linear(2 * hidden_size, hidden_size) if skip else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        skip: torch.Tensor | None = None,
+        ids_keep: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.skip_linear is not None:
+            if skip is None:
+                raise ValueError("a skip block needs its skip tensor")
+            x = self.skip_linear(torch.cat([x, skip], dim=-1))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), ids_keep)
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm, adaLN (shift, scale), then a linear to ``p * p * out_channels`` per token."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> torch.Tensor:
+    """MAE's 2-D sin-cos embedding ``[grid*grid, D]``: the first half of the channels encodes the
+    column coordinate, the second half the row; each half is ``[sin, cos]`` of
+    ``pos / 10000 ** (2i / (D/2))`` (computed in float64 as MAE's numpy code does)."""
+    if embed_dim % 4:
+        raise ValueError(f"hidden_size {embed_dim} must be divisible by 4 for the 2-D sin-cos embedding")
+    coords = torch.arange(grid_size, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def encode_1d(pos: torch.Tensor) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(embed_dim // 4, dtype=torch.float64) / (embed_dim / 4.0))
+        out = pos.reshape(-1)[:, None] * omega[None]
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)
+
+    return torch.cat([encode_1d(cols), encode_1d(rows)], dim=1).float()
