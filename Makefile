@@ -1,0 +1,40 @@
+# `make demo` trains on the embedded MNIST data; `make test` runs every test this machine can run.
+# Both create/refresh .venv/ with the pinned versions of constraints.txt first.
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.torch_extensions
+export DS_ACCELERATOR := cpu
+export HF_HUB_OFFLINE := 1
+
+.PHONY: venv test test-core demo lint bench clean
+
+$(STAMP): setup.py constraints.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(VPY) -m pip install -q -c constraints.txt -e '.[dev,eval,slurm]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: venv
+	$(VPY) -m ruff check mdt_ds tests eval benchmarks slurm
+	$(VPY) -m pytest -ra -p no:cacheprovider --durations=15 tests
+
+test-core: venv
+	$(VPY) -m pytest -q -m core tests
+
+demo: venv
+	$(VPY) -m mdt_ds.demo
+
+lint: venv
+	$(VPY) -m ruff check mdt_ds tests eval benchmarks slurm
+	$(VPY) -m ruff format --check mdt_ds tests eval benchmarks slurm
+
+bench: venv
+	$(VPY) benchmarks/train_step.py --preset MDTv2-S/2
+
+clean:
+	rm -rf $(VENV) .torch_extensions runs

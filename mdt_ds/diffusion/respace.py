@@ -1,0 +1,49 @@
+"""Timestep respacing (improved DDPM, sec. 4): sample with a subset of the T steps. The
+respaced process keeps the original abar at the chosen steps, and the model is called with the
+ORIGINAL timesteps (0..T-1)."""
+
+from __future__ import annotations
+
+import torch
+
+from mdt_ds.diffusion.gaussian import GaussianDiffusion
+
+
+def space_timesteps(num_timesteps: int, section_counts: str | list[int]) -> list[int]:
+    """The kept timesteps, sorted. ``"250"`` spreads 250 steps evenly (rounded), ``"10,20"``
+    uses sections, ``"ddimN"`` uses a fixed integer stride as the DDIM paper does."""
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            desired = int(section_counts[len("ddim"):])
+            for stride in range(1, num_timesteps):
+                if len(range(0, num_timesteps, stride)) == desired:
+                    return list(range(0, num_timesteps, stride))
+            raise ValueError(f"cannot make exactly {desired} steps from {num_timesteps} with an integer stride")
+        section_counts = [int(x) for x in section_counts.split(",")]
+    size_per, extra = divmod(num_timesteps, len(section_counts))
+    start, steps = 0, []
+    for i, count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < count:
+            raise ValueError(f"cannot divide a section of {size} steps into {count}")
+        stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        steps += [start + round(stride * j) for j in range(count)]
+        start += size
+    return sorted(set(steps))
+
+
+class SpacedDiffusion(GaussianDiffusion):
+    """A diffusion over the kept timesteps of a base schedule; ``timestep_map[i]`` is the original
+    timestep of respaced step i, which is what the model sees."""
+
+    def __init__(self, base_betas: torch.Tensor, use_timesteps: list[int], min_snr_gamma: float = 5.0):
+        base = GaussianDiffusion(base_betas, min_snr_gamma)
+        keep = sorted(set(use_timesteps))
+        abar = base.alphas_cumprod[keep]
+        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        super().__init__(1 - abar / abar_prev, min_snr_gamma)
+        self.timestep_map = torch.tensor(keep, dtype=torch.long)
+        self.original_num_steps = len(base_betas)
+
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        return self.timestep_map.to(t.device)[t]

@@ -1,0 +1,159 @@
+"""One view of the process group, whatever started us.
+
+torchrun and the deepspeed launcher export RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT
+(deepspeed also passes ``--local_rank``); ``srun`` gives SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS
+and a node list; submitit's ``TorchDistributedEnvironment().export()`` writes the torchrun
+variables; a bare ``python`` has none. :func:`launcher_env` maps each onto the torchrun names,
+:func:`init` exports them and starts the process group.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun" (also deepspeed, submitit), "slurm" or "none"
+
+    def as_environ(self) -> dict[str, str]:
+        return {
+            "RANK": str(self.rank),
+            "LOCAL_RANK": str(self.local_rank),
+            "WORLD_SIZE": str(self.world_size),
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+        }
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a Slurm node list: ``"gpu[03-05,9],cpu1"`` -> ``"gpu03"``."""
+    match = re.match(r"^([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, _, ranges = match.groups()
+    if ranges is None:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def free_port() -> int:
+    """A TCP port that is free on this host now (for single-node rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _local_rank_arg(argv: Sequence[str]) -> int | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            return int(arg.split("=", 1)[1])
+        if arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            return int(argv[i + 1])
+    return None
+
+
+def launcher_env(environ: Mapping[str, str] | None = None, argv: Sequence[str] = ()) -> DistEnv:
+    """Map the launcher's environment (and deepspeed's ``--local_rank``) to one :class:`DistEnv`.
+    torchrun-style variables win when present; then Slurm's; else a single process."""
+    env = os.environ if environ is None else environ
+    arg_local = _local_rank_arg(argv)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        local = int(env.get("LOCAL_RANK", arg_local if arg_local is not None else 0))
+        return DistEnv(
+            int(env["RANK"]), local, int(env["WORLD_SIZE"]), env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", 29500)), "torchrun",
+        )
+    # Inside an srun step (SLURM_STEP_ID set); a batch shell alone is one process.
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        # A port every task of the job derives alike: from the job id, away from common ports.
+        port = int(env.get("MASTER_PORT", 0)) or 15000 + int(env.get("SLURM_JOB_ID", 0)) % 20000
+        return DistEnv(
+            int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), int(env["SLURM_NTASKS"]),
+            env.get("MASTER_ADDR") or first_slurm_host(nodelist), port, "slurm",
+        )
+    return DistEnv(0, arg_local or 0, 1, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "none")
+
+
+def export(env: DistEnv) -> None:
+    os.environ.update(env.as_environ())
+
+
+def init(argv: Sequence[str] = (), backend: str | None = None, use_deepspeed: bool = False) -> DistEnv:
+    """Normalise the environment and join the process group (gloo on CPU, nccl on GPU).
+    A single process joins a group of one too, so collectives work everywhere."""
+    env = launcher_env(argv=argv)
+    export(env)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    if not torch.distributed.is_initialized():
+        if use_deepspeed:
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        else:
+            backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+            torch.distributed.init_process_group(backend, rank=env.rank, world_size=env.world_size)
+    return env
+
+
+def teardown() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def mean_across_ranks(values: Mapping[str, float | torch.Tensor]) -> dict[str, float]:
+    """Average scalars over ranks in one float64 all-reduce (every rank must call it)."""
+    keys = sorted(values)
+    stacked = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if torch.distributed.is_initialized() and world_size() > 1:
+        backend = torch.distributed.get_backend()
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+        stacked = stacked.to(device)
+        torch.distributed.all_reduce(stacked)
+        stacked = stacked.cpu() / world_size()
+    return dict(zip(keys, stacked.tolist()))
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from (seed, rank, step, ...): stable across runs, machines and Python hash
+    salts, and uncorrelated between neighbouring inputs."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def seed_everything(seed: int, rank: int = 0, step: int = 0) -> int:
+    """Seed torch's CPU and CUDA generators from (seed, rank, step); returns the derived seed."""
+    derived = derive_seed(seed, rank, step)
+    torch.manual_seed(derived)
+    return derived
