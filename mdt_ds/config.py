@@ -126,7 +126,10 @@ class TrainConfig:
     micro_batch: int = 0  # 0: global_batch / world_size (no accumulation)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     zero_stage: Literal[0, 1, 2, 3] = 2
-    ds_config: str = ""  # a systems-knobs JSON from ds_configs/; empty: derived defaults only
+    # Extra DeepSpeed systems knobs (communication, buckets, loss scaling), merged into the
+    # derived JSON; fields derived from this config (batch, precision, stage, clipping) may not
+    # be set here. ds_configs/*.yaml fill it.
+    deepspeed: dict[str, Any] = field(default_factory=dict)
     activation_checkpointing: Literal["none", "encoder", "all"] = "none"
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # decay min(ema_decay, (1 + step) / (10 + step)) for short runs
@@ -135,6 +138,9 @@ class TrainConfig:
     ckpt_every: int = 5000
     sample_every: int = 0  # 0: no sample grids during training
     max_bad_steps: int = 0  # NaN/inf steps skipped before the run stops
+    init_from: str = ""  # start a NEW run from these model weights (a .pt/.safetensors state_dict)
+    force_resume: bool = False  # resume even if run_dir/config.json holds another config
+    peak_tflops: float = 0.0  # device peak for MFU; 0: measured by a matmul at start
 
 
 # --------------------------------------------------------------------------- (de)serialisation
@@ -156,6 +162,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         allowed = typing.get_args(tp)
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(allowed)}")
+        return value
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return value
+    if tp is Any:
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)):
@@ -222,7 +234,9 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     pairs.sort(key=lambda kv: kv[0] != "model.preset")
     for key, value in pairs:
         if key == "model.preset":
-            data["model"] = {"preset": value}
+            if not isinstance(value, str):
+                raise ConfigError(f"model.preset must be a preset name; choose one of {sorted(MODEL_PRESETS)}")
+            data["model"] = to_dict(ModelConfig.from_preset(value))
             continue
         *parents, leaf = key.split(".")
         node = data
@@ -236,22 +250,96 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     return from_dict(TrainConfig, data)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
-    """Defaults <- YAML/JSON file <- dotted overrides."""
-    cfg = TrainConfig()
-    if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text()
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
             data = yaml.safe_load(text) or {}
         else:
             data = json.loads(text)
-        cfg = from_dict(TrainConfig, data)
-    return apply_overrides(cfg, overrides or [])
+    except Exception as err:  # noqa: BLE001 - any parse error is reported with the file name
+        raise ConfigError(f"cannot parse config file {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not (key == "model" and "preset" in value):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(paths: str | Path | list | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults <- YAML/JSON files (later files win, e.g. a run file then a ds_configs/ file)
+    <- dotted overrides."""
+    if paths is None or isinstance(paths, (str, Path)):
+        paths = [paths] if paths else []
+    data: dict[str, Any] = {}
+    for path in paths:
+        data = _merge(data, read_config_file(path))
+    return apply_overrides(from_dict(TrainConfig, data), overrides or [])
+
+
+# --------------------------------------------------------------------------- derived: DeepSpeed
+DERIVED_DS_KEYS = (
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping",
+    "steps_per_print", "zero_allow_untested_optimizer",
+)
+
+
+def resolve_batch(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(micro_batch, grad_accum) with ``global = micro x accum x world``, or a clear error."""
+    if cfg.global_batch <= 0 or world_size <= 0:
+        raise ConfigError(f"global_batch ({cfg.global_batch}) and world size ({world_size}) must be positive")
+    micro = cfg.micro_batch or cfg.global_batch // world_size
+    per_step = micro * world_size
+    if micro <= 0 or cfg.global_batch % per_step:
+        raise ConfigError(
+            f"global_batch={cfg.global_batch} is not micro_batch ({micro}) x grad_accum x world_size ({world_size}); "
+            f"pick global_batch as a multiple of {per_step} or set micro_batch so that "
+            f"micro_batch x world_size divides global_batch"
+        )
+    return micro, cfg.global_batch // per_step
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The effective DeepSpeed JSON: systems knobs from ``cfg.deepspeed`` plus the fields derived
+    from the run config (batch arithmetic, precision, ZeRO stage, clipping) in one place."""
+    clash = sorted(set(cfg.deepspeed) & set(DERIVED_DS_KEYS))
+    if clash:
+        raise ConfigError(f"deepspeed.{clash[0]} is derived from the run config; set it there instead ({DERIVED_DS_KEYS})")
+    micro, accum = resolve_batch(cfg, world_size)
+    zero = dict(cfg.deepspeed.get("zero_optimization", {}))
+    if "stage" in zero and zero["stage"] != cfg.zero_stage:
+        raise ConfigError(f"deepspeed.zero_optimization.stage={zero['stage']} contradicts zero_stage={cfg.zero_stage}")
+    zero["stage"] = cfg.zero_stage
+    ds = {
+        **cfg.deepspeed,
+        "train_batch_size": cfg.global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,  # we log ourselves
+        "zero_allow_untested_optimizer": True,  # Adan is a client optimizer
+    }
+    # Precision comes from `precision`; the bf16/fp16 sections may only carry knobs (loss scaling).
+    for name in ("bf16", "fp16"):
+        knobs = dict(cfg.deepspeed.get(name, {}))
+        if "enabled" in knobs:
+            raise ConfigError(f"deepspeed.{name}.enabled is derived from precision={cfg.precision!r}; remove it")
+        ds[name] = {**knobs, "enabled": cfg.precision == name}
+    return ds
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -1,0 +1,56 @@
+"""Sample grids of the EMA model during training and in the demo: fixed seeds and classes,
+a few DDIM steps, decoded with the data set's codec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mdt_ds.config import TrainConfig
+from mdt_ds.diffusion import create_diffusion
+from mdt_ds.models import build_model
+from mdt_ds.models.codec import PixelCodec, VAECodec, load_codec
+
+
+def codec_for_source(source: str, channels: int) -> PixelCodec | VAECodec:
+    """The codec that decodes this data source's latents (from its manifest)."""
+    if source.startswith("mnist"):
+        return PixelCodec(channels)
+    from mdt_ds.data.shards import read_manifest
+
+    codec = read_manifest(source)["codec"]
+    name = codec.get("name", "pixel")
+    if name == "pixel":
+        return PixelCodec(channels)
+    return load_codec(codec.get("source") or codec.get("hub_id") or "mse")
+
+
+@torch.no_grad()
+def render_grid(
+    cfg: TrainConfig, state_dict: dict[str, torch.Tensor], path: Path, per_class: int = 4, max_classes: int = 10,
+    steps: int = 25, cfg_scale: float | None = None,
+) -> np.ndarray:
+    """Sample ``per_class`` images for each of the first ``max_classes`` classes (one row per
+    class), save a PNG at ``path`` and return the grid as uint8 HWC."""
+    from mdt_ds.sampling import generate, image_seed, save_grid, to_uint8
+
+    model = build_model(cfg.model)
+    model.load_state_dict(state_dict, strict=True)
+    model.eval()
+    classes = min(cfg.model.num_classes, max_classes)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    seeds = [image_seed(cfg.seed, i) for i in range(len(labels))]
+    scale = cfg_scale if cfg_scale is not None else max(cfg.diffusion.cfg_scale, 1.0)
+    latents = generate(
+        model, create_diffusion(f"ddim{steps}"), labels, seeds, cfg_scale=scale, cfg_pow=cfg.diffusion.cfg_pow,
+        guide_channels=cfg.diffusion.guide_channels, sampler="ddim",
+    )
+    images = codec_for_source(cfg.data.source, cfg.model.in_channels).decode(latents)
+    pixels = to_uint8(images)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(pixels, path, nrow=per_class)
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))

@@ -1,0 +1,100 @@
+"""``train(cfg)``: the one training function every launcher reaches (python, torchrun, the
+deepspeed launcher, srun, submitit). ``python -m mdt_ds.train --config run.yaml key=value ...``.
+
+Rerunning the same command resumes from the latest complete checkpoint in ``run_dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+from mdt_ds import dist
+from mdt_ds.config import ConfigError, TrainConfig, deepspeed_config, load_config, resolve_batch, save_config, to_dict
+from mdt_ds.preemption import StopFlag
+
+log = logging.getLogger("mdt_ds.train")
+
+EXIT_PREEMPTED = 3
+# Keys that may change between a run and its resume (how long and how chatty, not what).
+RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "sample_every", "force_resume", "max_bad_steps", "init_from"}
+
+
+def setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"[%(asctime)s rank{rank}] %(message)s", datefmt="%H:%M:%S", force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def prepare_run_dir(cfg: TrainConfig) -> Path:
+    """Create run_dir and write config.json; refuse to continue a run of another config."""
+    run_dir = Path(cfg.run_dir).resolve()
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        saved = run_dir / "config.json"
+        if saved.is_file() and not cfg.force_resume:
+            old, new = json.loads(saved.read_text()), to_dict(cfg)
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+            if changed:
+                raise ConfigError(
+                    f"{run_dir} holds a run with a different config (changed: {', '.join(changed)}). Use another "
+                    f"run_dir, or pass force_resume=true to continue it with the new config."
+                )
+        save_config(cfg, saved)
+    dist.barrier()
+    return run_dir
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train (or resume) the run described by ``cfg``. Returns the final step, whether the run
+    stopped for a preemption signal, the run directory and the last logged loss."""
+    from mdt_ds.trainer import Trainer
+
+    env = dist.init(argv=sys.argv, use_deepspeed=True)
+    setup_logging(env.rank)
+    stop = StopFlag().install()
+    try:
+        trainer = Trainer(cfg, env, prepare_run_dir(cfg), stop)
+        return trainer.run()
+    finally:
+        stop.restore()
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="mdt-train", description="Train MDTv2 with DeepSpeed. Extra arguments are overrides: key=value "
+        "or --section.key=value (e.g. model.preset=MDTv2-XL/2 optim.lr=3e-4).",
+    )
+    parser.add_argument("--config", action="append", default=[], help="YAML/JSON run config; repeatable, later wins")
+    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and DeepSpeed JSON, exit")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    try:
+        cfg = load_config(args.config, overrides)
+        if args.dry_run:
+            world = dist.launcher_env(argv=sys.argv).world_size
+            resolve_batch(cfg, world)
+            print(json.dumps({"config": to_dict(cfg), "deepspeed": deepspeed_config(cfg, world)}, indent=2))
+            return 0
+        result = train(cfg)
+    except ConfigError as err:
+        print(f"mdt-train: config error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        dist.teardown()
+    if result["preempted"]:
+        return EXIT_PREEMPTED
+    return 0 if math.isfinite(result.get("loss", 0.0)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
