@@ -17,7 +17,13 @@ $(STAMP): setup.py constraints.txt
 	$(VPY) -m pip install -q -c constraints.txt -e '.[dev,eval,slurm]'
 	touch $(STAMP)
 
-venv: $(STAMP)
+# DeepSpeed JIT-builds a shared-memory comm op on first init; build it once, here, so parallel
+# ranks and Slurm jobs never build it concurrently (repo-local TORCH_EXTENSIONS_DIR).
+$(TORCH_EXTENSIONS_DIR)/.built: $(STAMP)
+	$(VPY) -c "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder as B; B().load(verbose=False)"
+	touch $@
+
+venv: $(STAMP) $(TORCH_EXTENSIONS_DIR)/.built
 
 test: venv
 	$(VPY) -m ruff check mdt_ds tests eval benchmarks slurm

@@ -138,6 +138,7 @@ class TrainConfig:
     ckpt_every: int = 5000
     sample_every: int = 0  # 0: no sample grids during training
     max_bad_steps: int = 0  # NaN/inf steps skipped before the run stops
+    time_budget_min: float = 0.0  # stop (checkpointed, not preempted) after this many minutes; 0: none
     init_from: str = ""  # start a NEW run from these model weights (a .pt/.safetensors state_dict)
     force_resume: bool = False  # resume even if run_dir/config.json holds another config
     peak_tflops: float = 0.0  # device peak for MFU; 0: measured by a matmul at start

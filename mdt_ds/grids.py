@@ -1,5 +1,5 @@
-"""Sample grids of the EMA model during training and in the demo: fixed seeds and classes,
-a few DDIM steps, decoded with the data set's codec."""
+"""Class-conditional samples of the EMA model for training grids and the demo: fixed seeds and
+classes, a few DDIM steps, decoded with the data set's codec."""
 
 from __future__ import annotations
 
@@ -28,13 +28,13 @@ def codec_for_source(source: str, channels: int) -> PixelCodec | VAECodec:
 
 
 @torch.no_grad()
-def render_grid(
-    cfg: TrainConfig, state_dict: dict[str, torch.Tensor], path: Path, per_class: int = 4, max_classes: int = 10,
+def sample_images(
+    cfg: TrainConfig, state_dict: dict[str, torch.Tensor], per_class: int = 4, max_classes: int = 10,
     steps: int = 25, cfg_scale: float | None = None,
-) -> np.ndarray:
-    """Sample ``per_class`` images for each of the first ``max_classes`` classes (one row per
-    class), save a PNG at ``path`` and return the grid as uint8 HWC."""
-    from mdt_ds.sampling import generate, image_seed, save_grid, to_uint8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_class`` images for each of the first ``max_classes`` classes, class-major:
+    (images in [-1, 1] NCHW, labels). Image i uses seed ``image_seed(cfg.seed, i)``."""
+    from mdt_ds.sampling import generate, image_seed
 
     model = build_model(cfg.model)
     model.load_state_dict(state_dict, strict=True)
@@ -47,10 +47,17 @@ def render_grid(
         model, create_diffusion(f"ddim{steps}"), labels, seeds, cfg_scale=scale, cfg_pow=cfg.diffusion.cfg_pow,
         guide_channels=cfg.diffusion.guide_channels, sampler="ddim",
     )
-    images = codec_for_source(cfg.data.source, cfg.model.in_channels).decode(latents)
-    pixels = to_uint8(images)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(pixels, path, nrow=per_class)
+    return codec_for_source(cfg.data.source, cfg.model.in_channels).decode(latents), labels
+
+
+def render_grid(cfg: TrainConfig, state_dict: dict[str, torch.Tensor], path: Path, per_class: int = 4,
+                **kwargs) -> np.ndarray:
+    """Sample (one row per class), save a PNG at ``path``, return the grid as uint8 HWC."""
     from PIL import Image
 
+    from mdt_ds.sampling import save_grid, to_uint8
+
+    images, _ = sample_images(cfg, state_dict, per_class=per_class, **kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(to_uint8(images), path, nrow=per_class)
     return np.asarray(Image.open(path).convert("RGB"))

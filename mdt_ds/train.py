@@ -21,7 +21,8 @@ log = logging.getLogger("mdt_ds.train")
 
 EXIT_PREEMPTED = 3
 # Keys that may change between a run and its resume (how long and how chatty, not what).
-RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "sample_every", "force_resume", "max_bad_steps", "init_from"}
+RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "sample_every", "force_resume", "max_bad_steps", "init_from",
+                     "time_budget_min"}
 
 
 def setup_logging(rank: int) -> None:

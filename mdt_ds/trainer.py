@@ -68,6 +68,7 @@ class Trainer:
         self.peak_flops = peak or measure_peak_flops(self.device, self.dtype)
         self.monitor = Monitor(run_dir, self.step, cfg.steps, dist.is_main(), summary_every=cfg.log_every * 10)
         self.bad_steps = 0
+        self.started = time.time()
         self.last_ckpt: Path | None = find_latest(run_dir)
 
     # ---------------------------------------------------------------- setup
@@ -165,25 +166,34 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 last = self._log(terms, elapsed / window_steps)
                 window_start, window_steps = time.perf_counter(), 0
-            if self._stop_requested():
-                preempted = True
+            stop = self._stop_requested()
+            if stop:
+                preempted = stop == "signal"
                 break
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
                 self.save()
             if cfg.sample_every and self.step % cfg.sample_every == 0:
                 self.sample_grid()
         self.save()
-        if not preempted and cfg.sample_every:
+        if not preempted and cfg.sample_every and self.step % cfg.sample_every:
             self.sample_grid()
         self.monitor.close()
         if preempted:
             log.warning("stopped by signal at step %d after saving %s", self.step, self.last_ckpt)
-        return {"step": self.step, "preempted": preempted, "run_dir": str(self.run_dir), "loss": last.get("loss", math.nan)}
+        return {
+            "step": self.step, "preempted": preempted, "run_dir": str(self.run_dir), "loss": last.get("loss", math.nan),
+            "zero_stage": self.engine.zero_optimization_stage(), "world_size": self.env.world_size,
+        }
 
-    def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self.stop.requested else 0.0])
-        torch.distributed.all_reduce(flag.to(self.device), op=torch.distributed.ReduceOp.MAX)
-        return float(flag) > 0
+    def _stop_requested(self) -> str:
+        """"signal" (any rank got SIGUSR1/SIGTERM), "budget" (time budget spent) or "": every
+        rank takes the same decision at the same step boundary."""
+        over_budget = self.cfg.time_budget_min and time.time() - self.started > 60 * self.cfg.time_budget_min
+        flags = torch.tensor([float(self.stop.requested), float(bool(over_budget))])
+        if self.device.type == "cuda":
+            flags = flags.to(self.device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        return "signal" if flags[0] > 0 else "budget" if flags[1] > 0 else ""
 
     def _log(self, terms: dict[str, float], step_time: float) -> dict[str, float]:
         scalars = dist.mean_across_ranks(terms)
