@@ -25,7 +25,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "MDTv2-B/2": dict(_IMAGENET, depth=12, hidden_size=768, num_heads=12, decode_layer=6),
     "MDTv2-L/2": dict(_IMAGENET, depth=24, hidden_size=1024, num_heads=16, decode_layer=4),
     "MDTv2-XL/2": dict(_IMAGENET, depth=28, hidden_size=1152, num_heads=16, decode_layer=4),
-    # Tests: 8x8x4 latents (16 tokens), 10 classes; about 0.2M parameters.
+    # Tests: 8x8x4 latents (16 tokens), 10 classes; 0.43M parameters.
     "MDTv2-Tiny/2": dict(
         input_size=8, patch_size=2, in_channels=4, num_classes=10, depth=4, hidden_size=64,
         num_heads=4, decode_layer=2,
@@ -161,7 +161,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, options[0], key)
     if origin is Literal:
         allowed = typing.get_args(tp)
-        if value not in allowed:
+        # type check too: True == 1 and 2.0 == 2 in Python, but neither is a ZeRO stage
+        if not any(value == a and type(value) is type(a) for a in allowed):
             raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {list(allowed)}")
         return value
     if origin is dict or tp is dict:
@@ -179,6 +180,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return from_dict(tp, value, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads "3e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool:
         ok = isinstance(value, bool)
     elif tp is int:
@@ -225,13 +231,14 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
     """Apply ``section.key=value`` overrides. ``model.preset=...`` is applied first and resets
     the model fields to that preset; later model overrides go on top."""
     data = to_dict(cfg)
-    pairs = []
+    pairs, raw = [], {}
     for item in overrides:
         item = item[2:] if item.startswith("--") else item
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=3e-4)")
         key, text = item.split("=", 1)
         pairs.append((key, _parse_cli_value(text)))
+        raw[key] = text
     pairs.sort(key=lambda kv: kv[0] != "model.preset")
     for key, value in pairs:
         if key == "model.preset":
@@ -240,13 +247,18 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             data["model"] = to_dict(ModelConfig.from_preset(value))
             continue
         *parents, leaf = key.split(".")
+        free_form = bool(parents) and parents[0] == "deepspeed"  # raw DeepSpeed knobs: any key
         node = data
         for i, part in enumerate(parents):
+            if free_form and part not in node:
+                node[part] = {}
             if not isinstance(node.get(part), dict):
                 raise ConfigError(f"unknown key {'.'.join(parents[: i + 1])} in override {key!r}")
             node = node[part]
-        if leaf not in node:
+        if leaf not in node and not free_form:
             raise ConfigError(f"unknown key {key}; allowed keys: {sorted(node)}")
+        if isinstance(node.get(leaf), str) and not isinstance(value, str):
+            value = raw[key]  # a text field keeps the text: sample_steps=250, run_dir=2024
         node[leaf] = value
     return from_dict(TrainConfig, data)
 

@@ -27,7 +27,12 @@ def space_timesteps(num_timesteps: int, section_counts: str | list[int]) -> list
         if size < count:
             raise ValueError(f"cannot divide a section of {size} steps into {count}")
         stride = 1 if count <= 1 else (size - 1) / (count - 1)
-        steps += [start + round(stride * j) for j in range(count)]
+        # Accumulated (cur += stride) exactly as ADM/the release does: round(stride * j) rounds
+        # differently for 278 of the step counts 1..1000 (e.g. "21", "59", "111").
+        cur = 0.0
+        for _ in range(count):
+            steps.append(start + round(cur))
+            cur += stride
         start += size
     return sorted(set(steps))
 

@@ -5,6 +5,7 @@ names and state_dict keys do not change; skip / kept-index arguments pass straig
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable
 from typing import Literal
 
@@ -33,6 +34,21 @@ def checkpointed_blocks(model: MDTv2, scope: Scope) -> list[nn.Module]:
     raise ValueError(f"activation_checkpointing must be 'none', 'encoder' or 'all', got {scope!r}")
 
 
+def _checkpointed_forward(
+    self: nn.Module,
+    x: torch.Tensor,
+    c: torch.Tensor,
+    skip: torch.Tensor | None = None,
+    ids_keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    # Bound to the block with types.MethodType (not a closure over it), so copy.deepcopy of the
+    # model (e.g. an EMA copy) rebinds it to the copied block and its own weights.
+    forward = functools.partial(type(self).forward, self)
+    if not torch.is_grad_enabled() or not self.training:
+        return forward(x, c, skip, ids_keep)
+    return self._mdt_checkpoint_fn(forward, x, c, skip, ids_keep)
+
+
 def apply_activation_checkpointing(model: MDTv2, scope: Scope, checkpoint_fn: CheckpointFn | None = None) -> int:
     """Recompute the chosen blocks' activations in backward. ``checkpoint_fn(fn, *args)``
     defaults to ``torch.utils.checkpoint`` (non-reentrant); the trainer may pass DeepSpeed's.
@@ -42,14 +58,7 @@ def apply_activation_checkpointing(model: MDTv2, scope: Scope, checkpoint_fn: Ch
     for block in blocks:
         if getattr(block, "_mdt_checkpointed", False):
             continue
-        original = block.forward
-
-        @functools.wraps(original)
-        def forward(x, c, skip=None, ids_keep=None, _original=original, _block=block):
-            if not torch.is_grad_enabled() or not _block.training:
-                return _original(x, c, skip, ids_keep)
-            return checkpoint_fn(_original, x, c, skip, ids_keep)
-
-        block.forward = forward
+        block._mdt_checkpoint_fn = checkpoint_fn
+        block.forward = types.MethodType(_checkpointed_forward, block)
         block._mdt_checkpointed = True
     return len(blocks)

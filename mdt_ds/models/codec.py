@@ -86,8 +86,9 @@ class VAECodec:
         """A randomly initialised AutoencoderKL (tests, tiny data sets)."""
         from diffusers import AutoencoderKL
 
-        torch.manual_seed(seed)
-        return cls(AutoencoderKL(**config), source=source)
+        with torch.random.fork_rng(devices=[]):  # no side effect on the global generator
+            torch.manual_seed(seed)
+            return cls(AutoencoderKL(**config), source=source)
 
     @property
     def device(self) -> torch.device:

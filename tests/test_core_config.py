@@ -1,0 +1,211 @@
+"""The typed run config: presets, JSON round trip, YAML files, dotted overrides and their errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mdt_ds.config import (
+    MODEL_PRESETS,
+    ConfigError,
+    ModelConfig,
+    TrainConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+)
+from mdt_ds.models import build_model
+
+pytestmark = pytest.mark.core
+
+PAPER = {  # depth, hidden, heads, decoder blocks (MDTV2_REFERENCE.md section 1)
+    "MDTv2-S/2": (12, 384, 6, 6),
+    "MDTv2-B/2": (12, 768, 12, 6),
+    "MDTv2-L/2": (24, 1024, 16, 4),
+    "MDTv2-XL/2": (28, 1152, 16, 4),
+}
+
+
+def test_paper_presets() -> None:
+    for name, (depth, hidden, heads, decode) in PAPER.items():
+        cfg = ModelConfig.from_preset(name)
+        assert (cfg.depth, cfg.hidden_size, cfg.num_heads, cfg.decode_layer) == (depth, hidden, heads, decode)
+        assert (cfg.input_size, cfg.patch_size, cfg.in_channels, cfg.num_classes) == (32, 2, 4, 1000)
+        assert cfg.learn_sigma and cfg.preset == name
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_PRESETS))
+def test_every_preset_builds(name: str) -> None:
+    cfg = ModelConfig.from_preset(name)
+    small = cfg.hidden_size <= 128
+    model = build_model(cfg, device=None if small else "meta")
+    assert model.hidden_size == cfg.hidden_size and model.in_channels == cfg.in_channels
+    assert model.num_classes == cfg.num_classes and model.decode_layer == cfg.decode_layer
+    assert model.x_embedder.num_patches == (cfg.input_size // cfg.patch_size) ** 2
+    assert build_model(name, device="meta", decode_layer=2).decode_layer == 2  # keyword overrides
+
+
+def test_unknown_preset() -> None:
+    with pytest.raises(ConfigError, match="MDTv2-XL/2"):
+        ModelConfig.from_preset("MDTv2-XXL/2")
+    with pytest.raises(ConfigError, match="MDTv2-S/2"):
+        apply_overrides(TrainConfig(), ["model.preset=MDTv2-Huge/2"])
+
+
+def test_json_round_trip(tmp_path) -> None:
+    cfg = apply_overrides(
+        TrainConfig(),
+        [
+            "model.preset=MDTv2-Tiny/2",
+            "model.mask_ratio=null",
+            "optim.lr=1e-3",
+            "optim.betas=[0.9,0.99,0.999]",
+            "precision=fp32",
+            "zero_stage=3",
+            "activation_checkpointing=encoder",
+            "run_dir=/tmp/somewhere",
+        ],
+    )
+    text = json.dumps(to_dict(cfg))
+    assert from_dict(TrainConfig, json.loads(text)) == cfg
+    assert from_dict(TrainConfig, json.loads(json.dumps(to_dict(TrainConfig())))) == TrainConfig()
+    path = tmp_path / "config.json"
+    save_config(cfg, path)
+    assert load_config(path) == cfg
+    assert json.loads(path.read_text()) == to_dict(cfg)
+
+
+def test_yaml_file(tmp_path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text(
+        "# a run file\n"
+        "model:\n  preset: MDTv2-Demo/2\n  decode_layer: 4\n"
+        "optim:\n  name: adamw\n  lr: 0.002\n"
+        "precision: fp32\nglobal_batch: 64\n"
+    )
+    cfg = load_config(path)
+    assert cfg.model.preset == "MDTv2-Demo/2" and cfg.model.hidden_size == 128 and cfg.model.decode_layer == 4
+    assert cfg.optim.name == "adamw" and cfg.optim.lr == 0.002 and cfg.precision == "fp32"
+    assert cfg.global_batch == 64 and cfg.optim.eps == 1e-8  # defaults fill the rest
+    # Overrides go on top of the file.
+    cfg = load_config(path, ["optim.lr=5e-4", "model.depth=8"])
+    assert cfg.optim.lr == 5e-4 and cfg.model.depth == 8 and cfg.model.hidden_size == 128
+
+
+def test_yaml_exponent_floats(tmp_path) -> None:
+    """PyYAML reads ``3e-4`` (no dot) as a string; a float field must still accept it."""
+    path = tmp_path / "run.yaml"
+    path.write_text("optim:\n  lr: 3e-4\n  eps: 1e-8\n")
+    cfg = load_config(path)
+    assert cfg.optim.lr == pytest.approx(3e-4) and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.eps == pytest.approx(1e-8)
+
+
+def test_file_errors(tmp_path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lrate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"optim\.lrate") as err:
+        load_config(bad)
+    assert "lr" in str(err.value) and "weight_decay" in str(err.value)  # the allowed keys
+    bad.write_text("steps: many\n")
+    with pytest.raises(ConfigError, match="steps"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_override_types() -> None:
+    cfg = apply_overrides(TrainConfig(), ["optim.lr=3e-4", "--steps=10", "optim.weight_decay=0", "ema_warmup=true"])
+    assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 3e-4
+    assert cfg.steps == 10 and isinstance(cfg.steps, int)
+    assert isinstance(cfg.optim.weight_decay, float) and cfg.optim.weight_decay == 0.0  # int -> float
+    assert cfg.ema_warmup is True
+    cfg = apply_overrides(TrainConfig(), ["model.mask_ratio=null", "optim.betas=[0.9,0.95,0.99]"])
+    assert cfg.model.mask_ratio is None and cfg.optim.betas == [0.9, 0.95, 0.99]
+
+
+def test_override_numeric_text_for_string_fields() -> None:
+    """``--diffusion.sample_steps=250`` is the documented way to ask for 250 steps: a number typed
+    on the command line for a str field is that text."""
+    cfg = apply_overrides(TrainConfig(), ["diffusion.sample_steps=250"])
+    assert cfg.diffusion.sample_steps == "250"
+    assert apply_overrides(TrainConfig(), ["diffusion.sample_steps=ddim50"]).diffusion.sample_steps == "ddim50"
+
+
+def test_override_bad_choice_names_allowed_values() -> None:
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(TrainConfig(), ["precision=bf17"])
+    msg = str(err.value)
+    assert "precision" in msg and "bf17" in msg and all(v in msg for v in ("bf16", "fp16", "fp32"))
+    with pytest.raises(ConfigError, match="activation_checkpointing"):
+        apply_overrides(TrainConfig(), ["activation_checkpointing=some"])
+
+
+@pytest.mark.parametrize("override", ["zero_stage=true", "zero_stage=2.0", "zero_stage=4"])
+def test_override_literal_int_is_strict(override: str) -> None:
+    """True == 1 and 2.0 == 2 in Python; a ZeRO stage must still be one of the ints 0-3."""
+    with pytest.raises(ConfigError, match="zero_stage"):
+        apply_overrides(TrainConfig(), [override])
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("optim.lr=fast", "optim.lr"),
+        ("steps=1.5", "steps"),
+        ("steps=true", "steps"),
+        ("ema_warmup=1", "ema_warmup"),
+        ("optim.betas=0.9", "optim.betas"),
+        ("model.depth=deep", "model.depth"),
+    ],
+)
+def test_override_wrong_type(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        apply_overrides(TrainConfig(), [override])
+
+
+def test_override_unknown_key_names_key_and_allowed_keys() -> None:
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(TrainConfig(), ["optim.lrr=0.1"])
+    msg = str(err.value)
+    assert "optim.lrr" in msg and "lr" in msg and "betas" in msg and "weight_decay" in msg
+    with pytest.raises(ConfigError, match="learning_rate"):
+        apply_overrides(TrainConfig(), ["learning_rate=0.1"])
+    with pytest.raises(ConfigError, match="optimizer"):
+        apply_overrides(TrainConfig(), ["optimizer.lr=0.1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_overrides(TrainConfig(), ["optim.lr"])
+
+
+def test_model_preset_override_resets_model_then_applies_model_overrides() -> None:
+    start = apply_overrides(TrainConfig(), ["model.hidden_size=96", "model.num_heads=3", "optim.lr=1e-3"])
+    cfg = apply_overrides(start, ["model.depth=8", "model.preset=MDTv2-B/2"])  # order on the line does not matter
+    assert cfg.model.preset == "MDTv2-B/2"
+    assert cfg.model.hidden_size == 768 and cfg.model.num_heads == 12  # reset to the preset
+    assert cfg.model.depth == 8  # the later model override applies on top
+    assert cfg.optim.lr == 1e-3  # other sections untouched
+    assert cfg.model == ModelConfig.from_preset("MDTv2-B/2", depth=8)
+
+
+def test_model_kwargs_build_the_release_constructor() -> None:
+    cfg = ModelConfig.from_preset("MDTv2-Tiny/2", mask_ratio=0.4)
+    kwargs = cfg.model_kwargs()
+    assert "preset" not in kwargs
+    assert set(kwargs) == {
+        "input_size",
+        "patch_size",
+        "in_channels",
+        "hidden_size",
+        "depth",
+        "num_heads",
+        "mlp_ratio",
+        "class_dropout_prob",
+        "num_classes",
+        "learn_sigma",
+        "mask_ratio",
+        "decode_layer",
+    }
+    assert build_model(cfg).mask_ratio == 0.4
