@@ -15,14 +15,13 @@ from mdt_ds.models.codec import PixelCodec, VAECodec, load_codec
 
 
 def codec_for_source(source: str, channels: int) -> PixelCodec | VAECodec:
-    """The codec that decodes this data source's latents (from its manifest)."""
-    if source.startswith("mnist"):
-        return PixelCodec(channels)
+    """The codec that decodes this data source's latents, from its manifest (shard folders and
+    the embedded sets "mnist16", "mnist32", "tiny-latents" alike)."""
+    from mdt_ds.data.loader import resolve_source
     from mdt_ds.data.shards import read_manifest
 
-    codec = read_manifest(source)["codec"]
-    name = codec.get("name", "pixel")
-    if name == "pixel":
+    codec = read_manifest(resolve_source(source))["codec"]
+    if codec.get("name", "pixel") == "pixel":
         return PixelCodec(channels)
     return load_codec(codec.get("source") or codec.get("hub_id") or "mse")
 

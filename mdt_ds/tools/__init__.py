@@ -1,0 +1,1 @@
+"""Command-line tools (latent extraction, sampling, checkpoint conversion)."""
