@@ -54,12 +54,12 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
 def train(cfg: TrainConfig) -> dict:
     """Train (or resume) the run described by ``cfg``. Returns the final step, whether the run
     stopped for a preemption signal, the run directory and the last logged loss."""
-    from mdt_ds.trainer import Trainer
-
-    env = dist.init(argv=sys.argv, use_deepspeed=True)
-    setup_logging(env.rank)
-    stop = StopFlag().install()
+    stop = StopFlag().install()  # first: a warning signal during imports/init must not kill the rank
     try:
+        from mdt_ds.trainer import Trainer
+
+        env = dist.init(argv=sys.argv, use_deepspeed=True)
+        setup_logging(env.rank)
         trainer = Trainer(cfg, env, prepare_run_dir(cfg), stop)
         return trainer.run()
     finally:

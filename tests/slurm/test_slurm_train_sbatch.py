@@ -1,0 +1,66 @@
+"""slurm/train.sbatch with the real trainer on 2 nodes x 1 process (DeepSpeed ZeRO 2, CPU): it
+trains and checkpoints; interrupted by the warning signal it checkpoints, requeues itself, resumes
+and ends exactly where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from tests.slurm.helpers import (
+    JOB_TIMEOUT,
+    STEPS,
+    Cluster,
+    Reference,
+    loss_curve,
+    read_jsonl,
+    submit_train_sbatch,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slurm
+
+
+def test_sbatch_two_nodes_train_and_checkpoint(reference_run: Reference) -> None:
+    run_dir = reference_run.run_dir
+    launches = read_jsonl(run_dir / "launch.jsonl")
+    # Both ranks took part, one per emulated node, in one world of 2, from step 0.
+    assert sorted((r["rank"], r["slurm_nodeid"]) for r in launches) == [(0, "0"), (1, "1")], launches
+    assert {r["world_size"] for r in launches} == {2} and {r["start_step"] for r in launches} == {0}
+    assert {r["launcher"] for r in launches} == {"slurm"}
+    losses = reference_run.losses
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert all(math.isfinite(v) for v in losses.values()), losses
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert f"step_{STEPS:07d}" in ckpts, ckpts
+    assert "training step ended with exit code 0" in reference_run.log.read_text()
+
+
+@pytest.mark.timeout(JOB_TIMEOUT + 60)
+def test_sbatch_warning_signal_checkpoints_requeues_and_resumes(
+    slurm_cluster: Cluster, reference_run: Reference, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    job, log = submit_train_sbatch(slurm_cluster, tmp_path, run_dir)
+    wait_for(lambda: len(loss_curve(run_dir)) >= 2, 150, "two logged training steps", poll=0.1)
+    # What Slurm does SIGNAL seconds before the time limit (#SBATCH --signal=B:USR1@...).
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)
+    slurm_cluster.wait_gone(job, log=log)
+    states = slurm_cluster.wait_sacct(job, lambda s: s[-1:] == ["COMPLETED"] or "FAILED" in s)
+    text = log.read_text()
+    assert states == ["REQUEUED", "COMPLETED"], f"{states}\n{text[-4000:]}"
+
+    launches = read_jsonl(run_dir / "launch.jsonl")
+    first = [r for r in launches if r["slurm_restart_count"] is None]
+    again = [r for r in launches if r["slurm_restart_count"] == "1"]
+    assert sorted(r["rank"] for r in first) == [0, 1] and {r["start_step"] for r in first} == {0}
+    assert sorted(r["rank"] for r in again) == [0, 1], launches
+    resumed = {r["start_step"] for r in again}
+    assert len(resumed) == 1 and 0 < next(iter(resumed)) < STEPS, f"resumed at {resumed}"
+    assert f"stopped by signal at step {next(iter(resumed))}" in text
+    assert "requeueing job" in text and "training step ended with exit code 3" in text
+
+    # Exact resume: same steps, same losses as the run that was never interrupted.
+    assert loss_curve(run_dir) == reference_run.losses
