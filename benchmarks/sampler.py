@@ -1,0 +1,135 @@
+"""Sampler throughput (images/s) of a preset for each sampler / step count / guidance setting,
+with per-image seeds exactly as ``eval/sample_ddp.py`` samples (random weights: speed only).
+
+    python benchmarks/sampler.py --preset MDTv2-Tiny/2 --batch-size 16 --images 32
+    python benchmarks/sampler.py --preset MDTv2-XL/2 --batch-size 64 --images 256 --configs ddpm250:3.8 \\
+        --autocast bf16 --decode ema
+
+``--configs`` lists SAMPLER+STEPS:CFG items (default: DDIM-50 and DDPM-250, with and without
+CFG). Latents only unless ``--decode CODEC`` adds the VAE decode. Prints one JSON object and
+writes it to --out if given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mdt_ds.diffusion import create_diffusion  # noqa: E402
+from mdt_ds.models import build_model  # noqa: E402
+from mdt_ds.sampling import SampleOptions, generate, image_seed, sample_labels  # noqa: E402
+
+DEFAULT_CONFIGS = "ddim50:1,ddim50:1.5,ddpm250:1,ddpm250:1.5"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def parse_config(item: str) -> tuple[str, int, float]:
+    spec, cfg = item.split(":")
+    sampler = "ddim" if spec.startswith("ddim") else "ddpm"
+    return sampler, int(spec[len(sampler) :]), float(cfg)
+
+
+def bench_one(model, codec, sampler: str, steps: int, cfg: float, args, device: torch.device) -> dict:
+    options = SampleOptions(cfg_scale=cfg, sampler=sampler, steps=steps, autocast=args.autocast)
+    diffusion = create_diffusion(options.respacing())
+
+    def run(indices: list[int]) -> None:
+        labels = sample_labels(indices, model.num_classes, 0)
+        latents = generate(
+            model,
+            diffusion,
+            labels,
+            [image_seed(0, i) for i in indices],
+            cfg_scale=cfg,
+            sampler=sampler,
+            device=device,
+            autocast_dtype=options.autocast_dtype(),
+        )
+        if codec is not None:
+            codec.decode(latents)
+
+    run(list(range(min(2, args.batch_size))))  # warm-up
+    times = []
+    for _ in range(args.repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for first in range(0, args.images, args.batch_size):
+            run(list(range(first, min(first + args.batch_size, args.images))))
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    rates = sorted(args.images / t for t in times)
+    return {
+        "sampler": sampler,
+        "steps": steps,
+        "cfg_scale": cfg,
+        "images": args.images,
+        "repeats": args.repeats,
+        "images_per_second_best": round(rates[-1], 3),
+        "images_per_second_median": round(rates[len(rates) // 2], 3),
+        "forward_passes_per_image": steps * (2 if cfg > 1 else 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="MDTv2-Tiny/2")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--configs", default=DEFAULT_CONFIGS)
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (best and median reported)")
+    parser.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none")
+    parser.add_argument("--decode", default=None, help="also decode with this codec (e.g. ema, tiny-random)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(0)
+    model = build_model(args.preset).to(device).eval()
+    codec = None
+    if args.decode:
+        from mdt_ds.models.codec import load_codec
+
+        codec = load_codec(args.decode, device, channels=model.in_channels)
+    results = [bench_one(model, codec, *parse_config(c), args, device) for c in args.configs.split(",")]
+    report = {
+        "benchmark": "sampler",
+        "preset": args.preset,
+        "batch_size": args.batch_size,
+        "autocast": args.autocast,
+        "decode": args.decode,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "results": results,
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

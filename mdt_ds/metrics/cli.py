@@ -1,0 +1,176 @@
+"""``mdt-eval`` (also ``python eval/evaluator.py``): the ADM evaluator, in PyTorch, distributed.
+
+    mdt-eval REF.npz SAMPLE.npz [--out metrics.json]        FID, sFID, IS, precision, recall
+    mdt-eval ref SOURCE OUT.npz [--image-size 256]           make an ADM reference batch
+    torchrun --nproc_per_node=8 eval/evaluator.py REF.npz SAMPLE.npz   (features on every GPU)
+
+SOURCE is an ImageNet-style class folder tree (e.g. ``train/``), image tars, or an image .npz.
+Inception weights: ``--inception PATH|download|fid-helper`` (see mdt_ds/metrics/inception.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from mdt_ds import dist
+
+log = logging.getLogger("mdt_ds.metrics")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--inception",
+        default=None,
+        help="Inception weights: a file, 'download', 'fid-helper' (default: search; see docs)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("adm", "clean-fid"),
+        default="adm",
+        help="'clean-fid': clean-fid's legacy_tensorflow features (FID/precision/recall only)",
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="Inception batch per rank (ADM: 64)")
+    parser.add_argument("--device", default="auto", help="'auto' (this rank's GPU, else CPU), 'cpu', 'cuda'")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def eval_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mdt-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("ref", type=Path, help="reference batch (.npz: arr_0 images and/or mu/sigma/mu_s/sigma_s)")
+    parser.add_argument("sample", type=Path, help="sample batch (.npz: arr_0 uint8 NHWC)")
+    parser.add_argument("--out", type=Path, default=None, help="results JSON (default: SAMPLE.metrics.json)")
+    parser.add_argument(
+        "--fd-method",
+        choices=("sqrtm", "eigh"),
+        default="sqrtm",
+        help="'sqrtm': ADM's exact code (default); 'eigh': faster eigenvalue form",
+    )
+    parser.add_argument("--pr-fp32", action="store_true", help="fp32 distances for precision/recall (ADM: fp16)")
+    _common(parser)
+    return parser
+
+
+def ref_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mdt-eval ref",
+        description="Make an ADM reference batch: statistics "
+        "of all images and a random subset of images for precision/recall.",
+    )
+    parser.add_argument("source", type=Path, help="class folder tree, image tars, or an image .npz")
+    parser.add_argument("out", type=Path, help="output .npz")
+    parser.add_argument("--image-size", type=int, default=256, help="ADM centre crop size (folders and tars)")
+    parser.add_argument("--num-images", type=int, default=10_000, help="images kept in arr_0 (ADM: 10,000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the kept subset")
+    parser.add_argument("--workers", type=int, default=4, help="image decoding workers per rank")
+    _common(parser)
+    return parser
+
+
+def _device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(spec)
+
+
+def _setup() -> bool:
+    """Join the process group when a launcher started several processes."""
+    distributed = dist.launcher_env(argv=sys.argv).world_size > 1
+    if distributed:
+        dist.init(sys.argv)
+    if dist.rank() == 0:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return distributed
+
+
+def _extractor(args: argparse.Namespace, device: torch.device):
+    from mdt_ds.metrics.inception import load_extractor
+
+    return load_extractor(args.inception, device, backend=args.backend)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from mdt_ds.metrics.evaluate import evaluate_batches, format_results
+    from mdt_ds.metrics.npz import AdmBatch
+
+    AdmBatch(args.ref, require_images=False), AdmBatch(args.sample)  # fail fast, before loading Inception
+    device = _device(args.device)
+    extractor = _extractor(args, device)
+    results = evaluate_batches(
+        args.ref,
+        args.sample,
+        extractor,
+        batch_size=args.batch_size,
+        device=device,
+        fd_method=args.fd_method,
+        pr_fp16=not args.pr_fp32,
+        progress=not args.no_progress,
+    )
+    if results is not None:
+        results.update(
+            ref=str(args.ref),
+            sample=str(args.sample),
+            backend=args.backend,
+            world_size=dist.world_size(),
+            features=getattr(extractor, "description", {}),
+        )
+        out = args.out or args.sample.with_name(args.sample.stem + ".metrics.json")
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(format_results(results), flush=True)
+        print(f"wrote {out}", flush=True)
+    return 0
+
+
+def run_ref(args: argparse.Namespace) -> int:
+    from mdt_ds.metrics.reference import build_reference
+
+    device = _device(args.device)
+    extractor = _extractor(args, device)
+    summary = build_reference(
+        args.source,
+        args.out,
+        extractor,
+        image_size=args.image_size,
+        num_images=args.num_images,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=device,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    if summary is not None:
+        args.out.with_name(args.out.stem + ".json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(json.dumps(summary, indent=2), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mdt_ds.metrics.inception import InceptionWeightsError
+    from mdt_ds.metrics.npz import NpzFormatError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [a for a in argv if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
+    if argv and argv[0] == "ref":
+        args, runner = ref_parser().parse_args(argv[1:]), run_ref
+    else:
+        args, runner = eval_parser().parse_args(argv[1:] if argv and argv[0] == "eval" else argv), run_eval
+    distributed = _setup()
+    try:
+        return runner(args)
+    except (NpzFormatError, InceptionWeightsError, FileNotFoundError) as err:
+        print(f"mdt-eval: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if distributed:
+            dist.teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,427 @@
+"""``mdt-sample`` (also ``eval/sample_ddp.py``): the FID-50K sampler, distributed and resumable.
+
+    torchrun --nproc_per_node=8 eval/sample_ddp.py --ckpt mdt_xl2_v2_ckpt.pt --model MDTv2-XL/2 \\
+        --num-samples 50000 --cfg-scale 3.8 --cfg-pow 4 --output samples/mdtv2_xl2_cfg3.8.npz
+    srun --ntasks-per-node=8 python eval/sample_ddp.py ...            (same flags)
+
+Image i has its own seeds (see mdt_ds/sampling.py), so its noise and label do not depend on
+the number of processes or the batch size; batches are cut at multiples of --batch-size, so
+files are bit-identical across world sizes (another batch size changes only float rounding). Every rank writes its batches as shard files
+(``OUTPUT.parts/part-START-STOP.npz``, atomically); rerunning the same command resumes with no
+index duplicated or missing; when all indices exist, rank 0 streams the shards into the ADM
+``.npz`` (``arr_0`` uint8 NHWC, ``arr_1`` labels) one shard at a time and writes ``OUTPUT.json``
+with the settings. Defaults follow the release's FID protocol (250-step DDPM, uniformly random
+labels, fp32/TF32, truncating quantisation, sd-vae-ft-ema decoder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mdt_ds import dist
+from mdt_ds.config import ConfigError, ModelConfig, from_dict
+
+log = logging.getLogger("mdt_ds.sample")
+PART = re.compile(r"^part-(\d{8})-(\d{8})\.npz$")
+
+
+class SampleError(RuntimeError):
+    """The run cannot proceed (mismatched settings, broken shards); the message says what to do."""
+
+
+# --------------------------------------------------------------------------- model loading
+def model_config(preset: str | None, config: Path | None, ckpt: Path) -> ModelConfig:
+    """The model to build: ``--config`` (a run's config.json) first, then the ``--model`` preset,
+    then a config.json beside the checkpoint (EMA snapshots have one), else MDTv2-XL/2."""
+    if config is not None and not config.is_file():
+        raise SampleError(f"--config {config} does not exist")
+    candidates = [config] if config else ([] if preset else [ckpt.parent / "config.json"])
+    for candidate in candidates:
+        if candidate.is_file():
+            data = json.loads(candidate.read_text())
+            return from_dict(ModelConfig, data.get("model", data), "model")
+    return ModelConfig.from_preset(preset or "MDTv2-XL/2")
+
+
+def load_model(ckpt: Path, cfg: ModelConfig, device: torch.device) -> torch.nn.Module:
+    """Build the model and load a raw state_dict (ours or the release's), strictly."""
+    from mdt_ds.models import build_model
+    from mdt_ds.tools.convert_checkpoint import load_state_dict_file
+
+    state = load_state_dict_file(ckpt)
+    state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
+    model = build_model(cfg)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise SampleError(
+            f"{ckpt} does not fit model preset {cfg.preset!r}: {len(missing)} missing keys {missing[:3]}, "
+            f"{len(unexpected)} unexpected {unexpected[:3]}, {len(wrong)} with other shapes {wrong[:3]}; "
+            "pass --model with the preset it was trained with, or --config RUN_DIR/config.json"
+        )
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------- shards
+def list_parts(parts: Path) -> list[tuple[int, int, Path]]:
+    """Complete shards (atomic renames) as sorted (start, stop, path)."""
+    found = []
+    for p in parts.glob("part-*.npz"):
+        m = PART.match(p.name)
+        if m:
+            found.append((int(m.group(1)), int(m.group(2)), p))
+    return sorted(found)
+
+
+def plan_chunks(num_samples: int, done: list[tuple[int, int, Path]], batch_size: int) -> list[tuple[int, int]]:
+    """The missing indices as contiguous chunks, cut at multiples of ``batch_size`` (so a resumed
+    run batches images exactly as an uninterrupted one did)."""
+    have = np.zeros(num_samples, dtype=bool)
+    for start, stop, _ in done:
+        have[start : min(stop, num_samples)] = True
+    chunks, i = [], 0
+    while i < num_samples:
+        if have[i]:
+            i += 1
+            continue
+        stop = min((i // batch_size + 1) * batch_size, num_samples)
+        j = i
+        while j < stop and not have[j]:
+            j += 1
+        chunks.append((i, j))
+        i = j
+    return chunks
+
+
+def write_part(parts: Path, start: int, images: np.ndarray, labels: np.ndarray) -> Path:
+    from mdt_ds.metrics.npz import NpzWriter
+
+    path = parts / f"part-{start:08d}-{start + len(images):08d}.npz"
+    with NpzWriter(path) as writer:
+        writer.add("images", images)
+        writer.add("labels", labels.astype(np.int64))
+    return path
+
+
+def pack(parts: Path, output: Path, num_samples: int) -> tuple[int, ...]:
+    """Stream the shards covering [0, num_samples) into the ADM npz, one shard in memory at a time."""
+    from mdt_ds.metrics.npz import NpzWriter
+
+    shards, pos = [], 0
+    for start, stop, path in list_parts(parts):
+        if start >= num_samples:
+            continue
+        if start != pos:
+            raise SampleError(f"{parts}: indices {pos}..{start - 1} are missing or shards overlap; rerun to fill them")
+        shards.append((start, min(stop, num_samples), path))
+        pos = min(stop, num_samples)
+    if pos != num_samples:
+        raise SampleError(f"{parts}: have {pos} of {num_samples} images; rerun the same command to finish")
+    with np.load(shards[0][2]) as first:
+        shape = (num_samples, *first["images"].shape[1:])
+    labels: list[np.ndarray] = []
+
+    def chunks():
+        for start, stop, path in shards:
+            with np.load(path) as part:
+                images = part["images"]
+                if len(images) < stop - start or images.shape[1:] != shape[1:]:
+                    raise SampleError(
+                        f"{path} holds {images.shape}, expected {stop - start} images of "
+                        f"{shape[1:]}: delete it and rerun"
+                    )
+                labels.append(part["labels"][: stop - start])
+                yield images[: stop - start]
+
+    with NpzWriter(output) as writer:
+        writer.stream("arr_0", shape, np.uint8, chunks())
+        writer.add("arr_1", np.concatenate(labels))
+    return shape
+
+
+# --------------------------------------------------------------------------- run
+def settings_of(args: argparse.Namespace, cfg: ModelConfig, options) -> dict:
+    """What must not change between a run and its resumption (batch size and world size may)."""
+    return {
+        "checkpoint": str(args.ckpt.resolve()),
+        "checkpoint_bytes": args.ckpt.stat().st_size,
+        "model": cfg.__dict__,
+        "vae": args.vae,
+        "seed": args.seed,
+        **options.as_dict(),
+    }
+
+
+def check_settings(path: Path, settings: dict) -> None:
+    old = json.loads(path.read_text())
+    old = old.get("settings", old)
+    diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if diff:
+        raise SampleError(
+            f"{path} was written with other settings ({', '.join(diff)}): use another --output, "
+            "or delete the old files to start over"
+        )
+
+
+def default_output(args: argparse.Namespace, cfg: ModelConfig) -> Path:
+    name = (
+        f"{cfg.preset.replace('/', '-')}-{args.ckpt.stem}-{args.sampler}{args.steps}-cfg{args.cfg_scale:g}"
+        f"-pow{args.cfg_pow:g}-seed{args.seed}-n{args.num_samples}.npz"
+    )
+    return Path("samples") / name
+
+
+def _broadcast(obj):
+    if dist.world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _plan_on_rank0(args: argparse.Namespace, settings: dict, parts: Path) -> list[tuple[int, int]] | None:
+    sidecar = args.output.with_suffix(".json")
+    if args.output.is_file() and sidecar.is_file() and not args.overwrite:
+        check_settings(sidecar, settings)
+        if json.loads(sidecar.read_text()).get("num_samples") == args.num_samples:
+            return None
+    parts.mkdir(parents=True, exist_ok=True)
+    run_file = parts / "run.json"
+    if run_file.is_file() and not args.overwrite:
+        check_settings(run_file, settings)
+    else:
+        for stale in parts.glob("part-*.npz"):
+            stale.unlink()
+        run_file.write_text(json.dumps(settings, indent=2) + "\n")
+    for tmp in parts.glob("*.tmp"):  # a rank died while writing
+        tmp.unlink()
+    return plan_chunks(args.num_samples, list_parts(parts), args.batch_size)
+
+
+def prepare(args: argparse.Namespace, settings: dict, parts: Path) -> list[tuple[int, int]] | None:
+    """Rank 0 checks settings, clears stale temporaries and plans; every rank gets the plan, or
+    None when the output is already complete, or the same error."""
+    result: tuple = (None, "")
+    if dist.rank() == 0:
+        try:
+            result = (_plan_on_rank0(args, settings, parts), "")
+        except SampleError as err:
+            result = (None, str(err))
+    plan, error = _broadcast(result)
+    if error:
+        raise SampleError(error)
+    return plan
+
+
+def run_chunks(args, model, diffusion, codec, options, chunks, parts: Path, device: torch.device) -> int:
+    """This rank's share of the chunks (chunk j goes to rank j % world), one shard per chunk."""
+    from mdt_ds.sampling import sample_batch
+
+    mine = chunks[dist.rank() :: dist.world_size()]
+    if args.max_batches is not None:
+        mine = mine[: args.max_batches]
+    bar = None
+    if dist.rank() == 0 and not args.no_progress:
+        from tqdm.auto import tqdm
+
+        total = sum(b - a for a, b in chunks[: len(mine) * dist.world_size()])
+        bar = tqdm(total=total, desc="sampling", unit="img", dynamic_ncols=True, smoothing=0.1)
+    made = 0
+    for start, stop in mine:
+        images, labels = sample_batch(model, diffusion, codec, range(start, stop), args.seed, options, device)
+        write_part(parts, start, images, labels)
+        made += stop - start
+        if bar is not None:
+            bar.update((stop - start) * dist.world_size())
+    if bar is not None:
+        bar.close()
+    return made
+
+
+def finish(args: argparse.Namespace, settings: dict, parts: Path, stats: dict) -> None:
+    """Rank 0: pack the npz, write the sidecar JSON, drop the shards unless kept."""
+    shape = pack(parts, args.output, args.num_samples)
+    summary = {
+        "output": str(args.output),
+        "num_samples": args.num_samples,
+        "shape": list(shape),
+        "settings": settings,
+        **stats,
+    }
+    args.output.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    if not args.keep_shards:
+        shutil.rmtree(parts)
+    log.info("wrote %s %s", args.output, tuple(shape))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mdt-sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--ckpt", type=Path, required=True, help="EMA snapshot (.pt/.safetensors) or official checkpoint")
+    p.add_argument("--model", default=None, help="preset, e.g. MDTv2-XL/2 (default: config.json beside --ckpt)")
+    p.add_argument("--config", type=Path, default=None, help="a run's config.json (its model section is used)")
+    p.add_argument(
+        "--vae",
+        default="ema",
+        help="'ema' (sd-vae-ft-ema, as the FID tables), 'mse', 'pixel', a hub id "
+        "or directory ('tiny-random' for tests)",
+    )
+    p.add_argument("--num-samples", type=int, default=50_000)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward, per rank")
+    p.add_argument("--seed", type=int, default=0, help="global seed; image i uses seeds derived from (seed, i)")
+    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    p.add_argument("--steps", type=int, default=250, help="sampling steps (release: 250 DDPM)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    p.add_argument("--cfg-scale", type=float, default=3.8, help="guidance scale; 1 = no guidance (release FID: 3.8)")
+    p.add_argument("--cfg-pow", type=float, default=4.0, help="power-cosine schedule exponent (release: 4)")
+    p.add_argument(
+        "--guide-channels",
+        choices=("release", "all"),
+        default="release",
+        help="'release': first min(3, C) eps channels, as released; 'all': every latent channel",
+    )
+    p.add_argument(
+        "--labels",
+        choices=("uniform", "balanced"),
+        default="uniform",
+        help="'uniform': random per image (release); 'balanced': index %% classes",
+    )
+    p.add_argument(
+        "--rounding",
+        choices=("truncate", "round"),
+        default="truncate",
+        help="uint8 quantisation: 'truncate' (release) or 'round' (DiT)",
+    )
+    p.add_argument(
+        "--autocast",
+        choices=("none", "bf16", "fp16"),
+        default="none",
+        help="model forward precision (release: none = fp32/TF32)",
+    )
+    p.add_argument("--no-tf32", action="store_true", help="disable TF32 matmuls on GPUs (release: enabled)")
+    p.add_argument("--output", type=Path, default=None, help="the ADM .npz to write (default: samples/<name>.npz)")
+    p.add_argument("--keep-shards", action="store_true", help="keep OUTPUT.parts/ after packing")
+    p.add_argument(
+        "--max-batches",
+        type=int,
+        default=None,
+        help="stop after this many batches per rank (time-limited jobs); rerun to continue",
+    )
+    p.add_argument("--overwrite", action="store_true", help="discard earlier shards/output of other settings")
+    p.add_argument("--device", default="auto", help="'auto' (this rank's GPU, else CPU), 'cpu', 'cuda'")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _device(args: argparse.Namespace) -> torch.device:
+    if args.device != "auto":
+        device = torch.device(args.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":  # the release samples with TF32 matmuls
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.no_tf32
+    return device
+
+
+def _options(args: argparse.Namespace):
+    from mdt_ds.sampling import SampleOptions
+
+    return SampleOptions(
+        cfg_scale=args.cfg_scale,
+        cfg_pow=args.cfg_pow,
+        guide_channels=args.guide_channels,
+        sampler=args.sampler,
+        steps=args.steps,
+        eta=args.eta,
+        labels=args.labels,
+        rounding=args.rounding,
+        autocast=args.autocast,
+    )
+
+
+def _finish_everywhere(args: argparse.Namespace, settings: dict, parts: Path, stats: dict) -> None:
+    """Rank 0 packs while the others wait; an error reaches every rank only after the barrier."""
+    error = None
+    if dist.rank() == 0:
+        try:
+            finish(args, settings, parts, stats)
+        except SampleError as err:
+            error = err
+    dist.barrier()
+    if error is not None:
+        raise error
+
+
+def sample_main(args: argparse.Namespace) -> int:
+    from mdt_ds.diffusion import create_diffusion
+    from mdt_ds.models.codec import load_codec
+
+    device = _device(args)
+    cfg = model_config(args.model, args.config, args.ckpt)
+    options = _options(args)
+    args.output = args.output or default_output(args, cfg)
+    parts = args.output.with_name(args.output.name + ".parts")
+    settings = settings_of(args, cfg, options)
+    chunks = prepare(args, settings, parts)
+    if chunks is None:
+        log.info("%s is complete (%d images); nothing to do", args.output, args.num_samples)
+        return 0
+    model = load_model(args.ckpt, cfg, device)
+    codec = load_codec(args.vae, device, channels=cfg.in_channels)
+    todo = sum(b - a for a, b in chunks)
+    how = f"{cfg.preset}, {args.sampler} {args.steps} steps, cfg {args.cfg_scale:g} pow {args.cfg_pow:g}"
+    log.info(
+        "%d of %d images to make on %d ranks (%s); shards in %s", todo, args.num_samples, dist.world_size(), how, parts
+    )
+    start = time.time()
+    made = run_chunks(args, model, create_diffusion(options.respacing()), codec, options, chunks, parts, device)
+    seconds = time.time() - start
+    totals = dist.mean_across_ranks({"made": made, "seconds": seconds})
+    dist.barrier()
+    rate = totals["made"] * dist.world_size() / max(totals["seconds"], 1e-9)
+    log.info("made %d images in %.1f s (%.2f images/s over all ranks)", made * dist.world_size(), seconds, rate)
+    if args.max_batches is not None and len(chunks) > args.max_batches * dist.world_size():
+        log.info("stopped after --max-batches %d; rerun the same command to continue", args.max_batches)
+        return 0
+    stats = {"world_size": dist.world_size(), "images_per_second": rate, "last_run_seconds": seconds}
+    _finish_everywhere(args, settings, parts, stats)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [a for a in argv if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
+    args = build_parser().parse_args(argv)
+    distributed = dist.launcher_env(argv=sys.argv).world_size > 1
+    if distributed:
+        dist.init(sys.argv)
+    if dist.rank() == 0:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        return sample_main(args)
+    except (SampleError, ConfigError, FileNotFoundError) as err:
+        print(f"mdt-sample: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if distributed:
+            dist.teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
