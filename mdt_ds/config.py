@@ -138,6 +138,13 @@ class TrainConfig:
     ckpt_every: int = 5000
     sample_every: int = 0  # 0: no sample grids during training
     max_bad_steps: int = 0  # NaN/inf steps skipped before the run stops
+    # In-training FID of the EMA model (off by default): every fid_every steps, fid_images
+    # samples (DDIM fid_steps, diffusion.cfg_scale) against the reference batch fid_ref (.npz).
+    fid_every: int = 0
+    fid_ref: str = ""
+    fid_images: int = 2000
+    fid_steps: int = 50
+    fid_inception: str = ""  # weights spec; empty: the first found (see README "Inception weights")
     time_budget_min: float = 0.0  # stop (checkpointed, not preempted) after this many minutes; 0: none
     init_from: str = ""  # start a NEW run from these model weights (a .pt/.safetensors state_dict)
     force_resume: bool = False  # resume even if run_dir/config.json holds another config

@@ -18,9 +18,9 @@ def codec_for_source(source: str, channels: int) -> PixelCodec | VAECodec:
     """The codec that decodes this data source's latents, from its manifest (shard folders and
     the embedded sets "mnist16", "mnist32", "tiny-latents" alike)."""
     from mdt_ds.data.loader import resolve_source
-    from mdt_ds.data.shards import read_manifest
+    from mdt_ds.data.shards import manifest_layout, read_manifest
 
-    codec = read_manifest(resolve_source(source))["codec"]
+    codec = manifest_layout(read_manifest(resolve_source(source))).codec
     if codec.get("name", "pixel") == "pixel":
         return PixelCodec(channels)
     return load_codec(codec.get("source") or codec.get("hub_id") or "mse")

@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 class Monitor:
     def __init__(self, run_dir: Path, start_step: int, total_steps: int, enabled: bool, summary_every: int = 100):
         self.enabled = enabled
+        self.run_dir = run_dir
         self.summary_every = max(1, summary_every)
         self.writer = None
         self.bar = None
@@ -30,13 +31,20 @@ class Monitor:
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         self.started = time.time()
 
-    def log(self, step: int, scalars: dict[str, float]) -> None:
-        """Scalars must already be averaged across ranks (every rank calls, rank 0 writes)."""
+    def log(self, step: int, scalars: dict[str, float], prefix: str = "train") -> None:
+        """Scalars must already be averaged across ranks (every rank calls, rank 0 writes).
+        ``train`` scalars go to stats.jsonl; others (``eval``) to ``{prefix}.jsonl``."""
         if not self.enabled:
             return
         for key, value in scalars.items():
-            self.writer.add_scalar(f"train/{key}", value, step)
-        self.stats.write(json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n")
+            self.writer.add_scalar(f"{prefix}/{key}", value, step)
+        line = json.dumps({"step": step, **{k: float(v) for k, v in scalars.items()}}) + "\n"
+        if prefix != "train":
+            with open(self.run_dir / f"{prefix}.jsonl", "a") as f:
+                f.write(line)
+            self.bar.write(f"step {step}: " + " ".join(f"{prefix}/{k}={v:.4g}" for k, v in scalars.items()))
+            return
+        self.stats.write(line)
         self.bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", refresh=False)
         if step % self.summary_every == 0:
             parts = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())

@@ -22,7 +22,7 @@ log = logging.getLogger("mdt_ds.train")
 EXIT_PREEMPTED = 3
 # Keys that may change between a run and its resume (how long and how chatty, not what).
 RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "sample_every", "force_resume", "max_bad_steps", "init_from",
-                     "time_budget_min"}
+                     "time_budget_min", "fid_every", "fid_images", "fid_steps", "fid_inception"}
 
 
 def setup_logging(rank: int) -> None:
@@ -35,6 +35,9 @@ def setup_logging(rank: int) -> None:
 def prepare_run_dir(cfg: TrainConfig) -> Path:
     """Create run_dir and write config.json; refuse to continue a run of another config."""
     run_dir = Path(cfg.run_dir).resolve()
+    if cfg.fid_every and not Path(cfg.fid_ref).is_file():
+        raise ConfigError(f"fid_every={cfg.fid_every} needs fid_ref=REF.npz (a reference batch); {cfg.fid_ref!r} "
+                          f"is not a file. Make one with `mdt-eval ref IMAGES REF.npz`.")
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         saved = run_dir / "config.json"

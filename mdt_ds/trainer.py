@@ -174,6 +174,8 @@ class Trainer:
                 self.save()
             if cfg.sample_every and self.step % cfg.sample_every == 0:
                 self.sample_grid()
+            if cfg.fid_every and self.step % cfg.fid_every == 0:
+                self.evaluate_fid()
         self.save()
         if not preempted and cfg.sample_every and self.step % cfg.sample_every:
             self.sample_grid()
@@ -220,6 +222,28 @@ class Trainer:
             self.monitor.text(f"step {self.step}: checkpoint {self.last_ckpt.name}, EMA snapshot {path.name}")
         dist.barrier()
 
+    def evaluate_fid(self) -> dict[str, float]:
+        """FID of the EMA model on all ranks (sampling is split across them), logged as eval/fid."""
+        from mdt_ds.grids import codec_for_source
+        from mdt_ds.metrics import fid_for_model
+        from mdt_ds.models import build_model
+        from mdt_ds.sampling import SampleOptions
+
+        cfg = self.cfg
+        model = build_model(cfg.model)
+        model.load_state_dict(self.ema.full_state_dict(), strict=True)
+        options = SampleOptions(
+            sampler="ddim", steps=cfg.fid_steps, cfg_scale=max(cfg.diffusion.cfg_scale, 1.0),
+            cfg_pow=cfg.diffusion.cfg_pow, guide_channels=cfg.diffusion.guide_channels,
+        )
+        result = fid_for_model(
+            model.to(self.device).eval(), codec_for_source(cfg.data.source, cfg.model.in_channels), cfg.fid_ref,
+            num_images=cfg.fid_images, seed=cfg.seed, options=options, inception=cfg.fid_inception or None,
+            device=self.device,
+        )
+        self.monitor.log(self.step, {"fid": result["fid"], "sfid": result["sfid"]}, prefix="eval")
+        return result
+
     def sample_grid(self) -> None:
         """A grid from the EMA model with fixed seeds and classes (collective gather, rank 0 samples)."""
         state = self.ema.full_state_dict()
@@ -232,3 +256,4 @@ class Trainer:
             except Exception as err:  # noqa: BLE001 - a failed grid must not kill a training run
                 log.warning("sample grid at step %d failed: %s", self.step, err)
         dist.barrier()
+

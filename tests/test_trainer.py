@@ -208,8 +208,26 @@ def test_deepspeed_launcher_path(tmp_path: Path) -> None:
     assert len(losses(tmp_path)) == 2
 
 
-def test_python_entry_point_single_process(tmp_path: Path) -> None:
-    proc = train_cli(tmp_path, "steps=2", "precision=fp32", "zero_stage=0", "ckpt_every=0", "sample_every=2")
+def test_python_entry_point_single_process_with_grid_and_fid(tmp_path: Path) -> None:
+    """Plain `python -m mdt_ds.train`: sample grid, TensorBoard events and in-training FID of the
+    EMA model against a reference batch of real held-out digits (offline Inception)."""
+    import numpy as np
+
+    from mdt_ds.data.demo import load_heldout
+
+    images, _ = load_heldout(REPO / ".cache" / "data")
+    pixels = ((images[:48] + 1) * 127.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).repeat(1, 1, 1, 3)
+    ref = tmp_path / "ref.npz"
+    np.savez(ref, arr_0=pixels.numpy())
+    proc = train_cli(tmp_path / "run", "steps=2", "precision=fp32", "zero_stage=0", "ckpt_every=0", "sample_every=2",
+                     "fid_every=2", f"fid_ref={ref}", "fid_images=16", "fid_steps=3", timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (tmp_path / "samples" / "step_0000002.png").is_file()
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "run" / "samples" / "step_0000002.png").is_file()
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
+    fid = json.loads((tmp_path / "run" / "eval.jsonl").read_text().splitlines()[-1])
+    assert fid["step"] == 2 and math.isfinite(fid["fid"]) and fid["fid"] > 0
+
+
+def test_fid_without_reference_is_refused(tmp_path: Path) -> None:
+    proc = train_cli(tmp_path, "steps=1", "fid_every=1", timeout=120)
+    assert proc.returncode == 2 and "needs fid_ref" in proc.stderr
