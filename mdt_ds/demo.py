@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 DEMO_OVERRIDES = [
-    "model.preset=MDTv2-Demo/2", "data.source=mnist16", "data.num_workers=1", "data.shuffle_buffer=2000",
-    "global_batch=64", "precision=fp32", "zero_stage=2", "optim.name=adamw", "optim.lr=2e-3",
+    "model.preset=MDTv2-Demo/2", "data.source=mnist16", "data.num_workers=0", "data.shuffle_buffer=2000",
+    "global_batch=32", "precision=fp32", "zero_stage=2", "optim.name=adamw", "optim.lr=2e-3",
     "optim.betas=[0.9,0.999]", "optim.weight_decay=0.0", "ema_decay=0.995", "ema_warmup=true", "log_every=25",
     "ckpt_every=250", "sample_every=250", "diffusion.cfg_scale=2.0",
 ]
@@ -71,7 +71,6 @@ def run_training(run_dir: Path, steps: int, minutes: float, nproc: int) -> None:
     subprocess.run(cmd, check=True)
 
 
-@torch.no_grad()
 def sample_and_score(run_dir: Path, per_class: int = 20) -> dict:
     from mdt_ds.config import TrainConfig, from_dict
     from mdt_ds.data.demo import load_heldout, load_train_arrays
@@ -99,7 +98,7 @@ def sample_and_score(run_dir: Path, per_class: int = 20) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--steps", type=int, default=1100)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--minutes", type=float, default=8.0, help="training time budget")
     parser.add_argument("--nproc", type=int, default=2)
     args = parser.parse_args(argv)

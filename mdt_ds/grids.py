@@ -42,11 +42,12 @@ def sample_images(
     labels = torch.arange(classes).repeat_interleave(per_class)
     seeds = [image_seed(cfg.seed, i) for i in range(len(labels))]
     scale = cfg_scale if cfg_scale is not None else max(cfg.diffusion.cfg_scale, 1.0)
+    codec = codec_for_source(cfg.data.source, cfg.model.in_channels)
     latents = generate(
         model, create_diffusion(f"ddim{steps}"), labels, seeds, cfg_scale=scale, cfg_pow=cfg.diffusion.cfg_pow,
-        guide_channels=cfg.diffusion.guide_channels, sampler="ddim",
+        guide_channels=cfg.diffusion.guide_channels, sampler="ddim", clip_denoised=isinstance(codec, PixelCodec),
     )
-    return codec_for_source(cfg.data.source, cfg.model.in_channels).decode(latents), labels
+    return codec.decode(latents), labels
 
 
 def render_grid(cfg: TrainConfig, state_dict: dict[str, torch.Tensor], path: Path, per_class: int = 4,

@@ -98,6 +98,7 @@ def generate(
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
+    clip_denoised: bool = False,
 ) -> torch.Tensor:
     """Sample latents [N, C, H, W] (float32, on ``device``) for ``labels`` with per-image seeds.
 
@@ -106,7 +107,8 @@ def generate(
     ``create_diffusion`` ("250" for DDPM, "ddim50" for DDIM). ``cfg_scale > 1`` applies
     power-cosine classifier-free guidance (``model.forward_with_cfg``; null label =
     ``model.num_classes``). The model runs in eval mode (restored afterwards) and only its
-    forward runs under ``autocast_dtype``; the diffusion maths stay float32."""
+    forward runs under ``autocast_dtype``; the diffusion maths stay float32. ``clip_denoised``
+    clamps predicted x_0 to [-1, 1]: right for pixel data, off for latents (as released)."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if len(labels) != len(seeds):
@@ -130,6 +132,7 @@ def generate(
         device=device,
         progress=progress,
         noise_fn=noise_fn,
+        clip_denoised=clip_denoised,
     )
     was_training = model.training
     model.eval()

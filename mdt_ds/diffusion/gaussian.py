@@ -185,10 +185,11 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------ sampling
     def p_sample(
-        self, model: ModelFn, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, model_kwargs: dict | None = None
+        self, model: ModelFn, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, model_kwargs: dict | None = None,
+        clip_denoised: bool = False,
     ) -> torch.Tensor:
         """One ancestral step x_t -> x_{t-1} (no noise at t = 0)."""
-        out = self.p_mean_variance(model, x, t, model_kwargs=model_kwargs)
+        out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs)
         nonzero = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
         return out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
 
@@ -200,9 +201,10 @@ class GaussianDiffusion:
         noise: torch.Tensor | None = None,
         model_kwargs: dict | None = None,
         eta: float = 0.0,
+        clip_denoised: bool = False,
     ) -> torch.Tensor:
         """One DDIM step (Song et al. 2021, eq. 12) with the eps implied by the predicted x_0."""
-        out = self.p_mean_variance(model, x, t, model_kwargs=model_kwargs)
+        out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs)
         eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
         abar = extract(self.alphas_cumprod, t, x.shape)
         abar_prev = extract(self.alphas_cumprod_prev, t, x.shape)
@@ -237,13 +239,15 @@ class GaussianDiffusion:
         device: torch.device | str = "cpu",
         progress: bool = False,
         noise_fn: NoiseFn | None = None,
+        clip_denoised: bool = False,
     ) -> torch.Tensor:
         """Ancestral sampling from x_T. ``noise_fn(like)`` draws every Gaussian (default
-        ``randn_like``), so a caller can give each image its own generator."""
+        ``randn_like``), so a caller can give each image its own generator. ``clip_denoised``
+        clamps the predicted x_0 to [-1, 1] (pixel data; the release samples latents unclipped)."""
         fn = noise_fn or torch.randn_like
 
         def step(x: torch.Tensor, t: torch.Tensor, _: NoiseFn) -> torch.Tensor:
-            return self.p_sample(model, x, t, fn(x), model_kwargs)
+            return self.p_sample(model, x, t, fn(x), model_kwargs, clip_denoised)
 
         return self._loop(step, shape, noise, noise_fn, device, progress)
 
@@ -257,11 +261,12 @@ class GaussianDiffusion:
         progress: bool = False,
         eta: float = 0.0,
         noise_fn: NoiseFn | None = None,
+        clip_denoised: bool = False,
     ) -> torch.Tensor:
         """DDIM sampling (deterministic for eta = 0)."""
         fn = noise_fn or torch.randn_like
 
         def step(x: torch.Tensor, t: torch.Tensor, _: NoiseFn) -> torch.Tensor:
-            return self.ddim_sample(model, x, t, fn(x) if eta else None, model_kwargs, eta)
+            return self.ddim_sample(model, x, t, fn(x) if eta else None, model_kwargs, eta, clip_denoised)
 
         return self._loop(step, shape, noise, noise_fn, device, progress)
