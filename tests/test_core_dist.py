@@ -11,9 +11,9 @@ import textwrap
 
 import pytest
 import torch
-from conftest import PYTHON, REPO, subprocess_env
 
 from mdt_ds import dist
+from tests.conftest import PYTHON, REPO, subprocess_env
 
 pytestmark = pytest.mark.core
 

@@ -9,7 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import PYTHON, REPO, subprocess_env
+
+from tests.conftest import PYTHON, REPO, subprocess_env
 
 pytestmark = pytest.mark.core
 

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PYTHON, REPO, subprocess_env
 
 from mdt_ds.dist import free_port
 from mdt_ds.metrics import cli
@@ -19,6 +18,7 @@ from mdt_ds.metrics.evaluate import compute_activations, evaluate_batches
 from mdt_ds.metrics.inception import InceptionWeightsError, fid_helper_file, load_extractor, resolve_weights
 from mdt_ds.metrics.npz import NpzWriter
 from mdt_ds.metrics.stats import frechet_distance
+from tests.conftest import PYTHON, REPO, subprocess_env
 
 pytestmark = pytest.mark.evaluation
 N = 48  # images per set: the offline Inception takes about 90 ms per image here

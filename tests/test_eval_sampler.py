@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PYTHON, REPO, subprocess_env
 
 from mdt_ds.diffusion import create_diffusion
 from mdt_ds.dist import derive_seed, free_port
 from mdt_ds.models import build_model
 from mdt_ds.sampling import generate, image_seed, sample_labels, save_grid, to_uint8
 from mdt_ds.tools import sample as sample_cli
+from tests.conftest import PYTHON, REPO, subprocess_env
 
 pytestmark = pytest.mark.evaluation
 
