@@ -88,10 +88,12 @@ def test_submitit_exported_env(monkeypatch: pytest.MonkeyPatch) -> None:
     variables it writes win, and agree with what Slurm says."""
     helpers = pytest.importorskip("submitit.helpers")
     slurm = {**slurm_env(4, 1), "SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_NUM_NODES": "3", "SLURM_NODEID": "2"}
+    # export() writes into os.environ; restore all of it so no RANK/WORLD_SIZE leaks into later
+    # tests' subprocesses.
+    monkeypatch.setattr(os, "environ", dict(os.environ))
     for key in TORCH_VARS:
-        monkeypatch.delenv(key, raising=False)
-    for key, value in slurm.items():
-        monkeypatch.setenv(key, value)
+        os.environ.pop(key, None)
+    os.environ.update(slurm)
     helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     exported = {k: os.environ[k] for k in TORCH_VARS}
     got = dist.launcher_env(dict(os.environ))
