@@ -147,7 +147,7 @@ def test_cli_dry_run_and_config_errors(tmp_path) -> None:
 RELAY_CHECK = textwrap.dedent(
     """
     import os, signal, time
-    from mdt_ds.launch import _Relay
+    from mdt_ds.slurm_job import _Relay
     from mdt_ds.preemption import StopFlag
 
     def wait(flag, seconds=5.0):
@@ -184,7 +184,7 @@ def test_relay_routes_preemption_signals_to_the_trainer() -> None:
 UNHANDLED_CHECK = textwrap.dedent(
     """
     import os, signal, threading, time
-    from mdt_ds.launch import _Relay
+    from mdt_ds.slurm_job import _Relay
 
     called = threading.Event()
     _Relay(on_unhandled_warning=called.set).install()
