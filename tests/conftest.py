@@ -47,3 +47,11 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+def torchrun_command(nproc: int, *args: str) -> list[str]:
+    """``python -m torch.distributed.run`` on one node with a free rendezvous port."""
+    from mdt_ds.dist import free_port
+
+    return [PYTHON, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mdt_ds import dist
-from tests.conftest import PYTHON, REPO, subprocess_env
+from tests.conftest import REPO, subprocess_env, torchrun_command
 
 pytestmark = pytest.mark.core
 
@@ -160,16 +160,10 @@ SMOKE = textwrap.dedent(
 def test_two_process_gloo(tmp_path) -> None:
     script = tmp_path / "smoke.py"
     script.write_text(SMOKE)
-    cmd = [
-        PYTHON,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={dist.free_port()}",
+    cmd = torchrun_command(
+        2,
         str(script),
-    ]
+    )
     env = subprocess_env()
     for key in TORCH_VARS:
         env.pop(key, None)

@@ -119,19 +119,11 @@ def test_moments_are_the_vae_posterior_of_image_and_flip(single: Path, folder: P
 
 
 def test_two_processes_write_the_same_bytes(single: Path, folder: Path, tmp_path: Path) -> None:
-    from conftest import PYTHON, REPO, subprocess_env
-
-    from mdt_ds.dist import free_port
+    from tests.conftest import REPO, subprocess_env, torchrun_command
 
     out = tmp_path / "latents"
-    cmd = [
-        PYTHON,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+    cmd = torchrun_command(
+        2,
         "-m",
         "mdt_ds.tools.extract_latents",
         "--input",
@@ -139,7 +131,7 @@ def test_two_processes_write_the_same_bytes(single: Path, folder: Path, tmp_path
         "--output",
         str(out),
         *COMMON,
-    ]
+    )
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert TRUNCATED in proc.stderr and "skipping unreadable image" in proc.stderr  # named in the log

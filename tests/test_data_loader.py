@@ -184,24 +184,16 @@ def test_mnist_stream_is_pixels_without_flips(data_root: Path) -> None:
 
 # --------------------------------------------------------------------------- two processes
 def test_two_ranks_split_disjoint_resampled_different(tmp_path: Path, data_root: Path) -> None:
-    from conftest import PYTHON, REPO, subprocess_env
-
     from mdt_ds.data.demo import ensure_mnist_shards
-    from mdt_ds.dist import free_port
+    from tests.conftest import REPO, subprocess_env, torchrun_command
 
     ensure_mnist_shards(data_root, "mnist16")  # built once here, not raced by the two ranks
-    cmd = [
-        PYTHON,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+    cmd = torchrun_command(
+        2,
         __file__,
         str(tmp_path),
         str(data_root),
-    ]
+    )
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

@@ -15,7 +15,7 @@ import torch
 
 from mdt_ds.config import ConfigError, TrainConfig, apply_overrides, deepspeed_config, resolve_batch
 from mdt_ds.dist import free_port
-from tests.conftest import PYTHON, REPO, subprocess_env
+from tests.conftest import PYTHON, REPO, subprocess_env, torchrun_command
 
 pytestmark = pytest.mark.trainer
 
@@ -31,8 +31,7 @@ def child_env() -> dict[str, str]:
 
 
 def torchrun(args: list[str], timeout: int = 420, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", *args]
+    cmd = torchrun_command(nproc, *args)
     proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
