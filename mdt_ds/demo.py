@@ -23,7 +23,9 @@ import torch
 from torch import nn
 
 DEMO_OVERRIDES = [
-    "model.preset=MDTv2-Demo/2", "data.source=mnist16", "data.num_workers=0", "data.shuffle_buffer=2000",
+    # MDTv2-Demo/2 narrowed to hidden 96, depth 4 (0.96M parameters): on a 2-core AVX2 CPU it sees
+    # ~2.5x more images in the budget than the 128/6 preset, which matters more than width here.
+    "model.preset=MDTv2-Demo/2", "model.hidden_size=96", "model.depth=4", "data.source=mnist16", "data.num_workers=0", "data.shuffle_buffer=2000",
     "global_batch=32", "precision=fp32", "zero_stage=2", "optim.name=adamw", "optim.lr=2e-3",
     "optim.betas=[0.9,0.999]", "optim.weight_decay=0.0", "ema_decay=0.995", "ema_warmup=true", "log_every=25",
     "ckpt_every=250", "sample_every=250", "diffusion.cfg_scale=2.0",
@@ -110,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     (args.run_dir / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
     stats = [json.loads(x) for x in (args.run_dir / "stats.jsonl").read_text().splitlines()]
     print(
-        f"\nDemo done: {stats[-1]['step']} steps, final loss {stats[-1]['loss']:.4f}.\n"
+        f"\nDemo done: {Path(report['snapshot']).stem.split('_')[-1].lstrip('0')} steps, "
+        f"last logged loss {stats[-1]['loss']:.4f}.\n"
         f"  conditional accuracy of generated digits: {report['conditional_accuracy']:.1%} "
         f"(classifier: {report['classifier_heldout_accuracy']:.1%} on held-out real digits)\n"
         f"  samples (10 classes x 20, EMA, DDIM-50, CFG 2): {report['grid']}\n"
