@@ -12,7 +12,6 @@ export HF_HUB_OFFLINE := 1
 
 $(STAMP): setup.py constraints.txt
 	test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
 	$(VPY) -m pip install -q -c constraints.txt -e '.[dev,eval,slurm]'
 	touch $(STAMP)
