@@ -68,6 +68,7 @@ class Trainer:
         self.peak_flops = peak or measure_peak_flops(self.device, self.dtype)
         self.monitor = Monitor(run_dir, self.step, cfg.steps, dist.is_main(), summary_every=cfg.log_every * 10)
         self.bad_steps = 0
+        self._ema_gathered: tuple[int, dict[str, torch.Tensor]] | None = None
         self.started = time.time()
         self.last_ckpt: Path | None = find_latest(run_dir)
 
@@ -158,6 +159,7 @@ class Trainer:
         preempted = False
         window_start, window_steps = time.perf_counter(), 0
         while self.step < cfg.steps:
+            self._ema_gathered = None  # a full fp32 copy of the model: keep it no longer than a step
             terms = self.train_step()
             self.step += 1
             window_steps += 1
@@ -212,11 +214,18 @@ class Trainer:
         return scalars
 
     # ---------------------------------------------------------------- outputs
+    def _gathered_ema(self) -> dict[str, torch.Tensor]:
+        """The full EMA state_dict at this step (collective), gathered once per step even when a
+        checkpoint, a grid and an FID evaluation fall on the same step."""
+        if self._ema_gathered is None or self._ema_gathered[0] != self.step:
+            self._ema_gathered = (self.step, self.ema.full_state_dict())
+        return self._ema_gathered[1]
+
     def save(self) -> None:
         if self.last_ckpt is not None and self.last_ckpt.name == f"step_{self.step:07d}":
             return
         self.last_ckpt = save_training_state(self.engine, self.ema, self.run_dir, self.step)
-        state = self.ema.full_state_dict()
+        state = self._gathered_ema()
         if dist.is_main():
             path = save_ema_snapshot(state, self.cfg, self.run_dir, self.step)
             self.monitor.text(f"step {self.step}: checkpoint {self.last_ckpt.name}, EMA snapshot {path.name}")
@@ -231,7 +240,7 @@ class Trainer:
 
         cfg = self.cfg
         model = build_model(cfg.model)
-        model.load_state_dict(self.ema.full_state_dict(), strict=True)
+        model.load_state_dict(self._gathered_ema(), strict=True)
         options = SampleOptions(
             sampler="ddim", steps=cfg.fid_steps, cfg_scale=max(cfg.diffusion.cfg_scale, 1.0),
             cfg_pow=cfg.diffusion.cfg_pow, guide_channels=cfg.diffusion.guide_channels,
@@ -246,7 +255,7 @@ class Trainer:
 
     def sample_grid(self) -> None:
         """A grid from the EMA model with fixed seeds and classes (collective gather, rank 0 samples)."""
-        state = self.ema.full_state_dict()
+        state = self._gathered_ema()
         if dist.is_main():
             from mdt_ds.grids import render_grid
 

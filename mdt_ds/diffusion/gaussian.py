@@ -215,9 +215,11 @@ class GaussianDiffusion:
         nonzero = (t != 0).float().view(-1, *([1] * (x.dim() - 1)))
         return mean + nonzero * sigma * noise
 
-    def _loop(self, step: Callable, shape: tuple, noise: torch.Tensor | None, noise_fn: NoiseFn | None,
-              device: torch.device | str, progress: bool) -> torch.Tensor:
-        noise_fn = noise_fn or torch.randn_like
+    def _loop(
+        self, step: Callable, shape: tuple, noise: torch.Tensor | None, noise_fn: NoiseFn, device: torch.device | str,
+        progress: bool,
+    ) -> torch.Tensor:
+        """Run ``step(x, t)`` from t = T-1 down to 0, starting at ``noise`` or a fresh draw."""
         x = noise if noise is not None else noise_fn(torch.empty(shape, device=device))
         indices = range(self.num_timesteps - 1, -1, -1)
         if progress:
@@ -227,7 +229,7 @@ class GaussianDiffusion:
         for i in indices:
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             with torch.no_grad():
-                x = step(x, t, noise_fn)
+                x = step(x, t)
         return x
 
     def p_sample_loop(
@@ -246,10 +248,10 @@ class GaussianDiffusion:
         clamps the predicted x_0 to [-1, 1] (pixel data; the release samples latents unclipped)."""
         fn = noise_fn or torch.randn_like
 
-        def step(x: torch.Tensor, t: torch.Tensor, _: NoiseFn) -> torch.Tensor:
+        def step(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.p_sample(model, x, t, fn(x), model_kwargs, clip_denoised)
 
-        return self._loop(step, shape, noise, noise_fn, device, progress)
+        return self._loop(step, shape, noise, fn, device, progress)
 
     def ddim_sample_loop(
         self,
@@ -266,7 +268,7 @@ class GaussianDiffusion:
         """DDIM sampling (deterministic for eta = 0)."""
         fn = noise_fn or torch.randn_like
 
-        def step(x: torch.Tensor, t: torch.Tensor, _: NoiseFn) -> torch.Tensor:
+        def step(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self.ddim_sample(model, x, t, fn(x) if eta else None, model_kwargs, eta, clip_denoised)
 
-        return self._loop(step, shape, noise, noise_fn, device, progress)
+        return self._loop(step, shape, noise, fn, device, progress)
