@@ -59,6 +59,11 @@ class ModelConfig:
     learn_sigma: bool = True
     mask_ratio: float | None = 0.3
     decode_layer: int = 6
+    # How attention with the relative position bias is computed (same maths, same state_dict):
+    # "sdpa" (scaled_dot_product_attention with the bias as an additive mask), "flex"
+    # (FlexAttention with a score_mod that reads the bias; GPUs, compiled) or "explicit"
+    # (softmax(q k^T / sqrt(d) + B) v written out, as the release computes it).
+    attention: Literal["sdpa", "flex", "explicit"] = "sdpa"
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
@@ -130,7 +135,10 @@ class TrainConfig:
     # derived JSON; fields derived from this config (batch, precision, stage, clipping) may not
     # be set here. ds_configs/*.yaml fill it.
     deepspeed: dict[str, Any] = field(default_factory=dict)
-    activation_checkpointing: Literal["none", "encoder", "all"] = "none"
+    # "none", "encoder", "all", a block count N (the first N blocks in the masked pass's
+    # execution order, see MDTv2.blocks()) or block indices "0,3,5" into that order.
+    activation_checkpointing: str | int = "none"
+    compile: bool = False  # torch.compile each transformer block (regional), dynamic in the kept length
     ema_decay: float = 0.9999
     ema_warmup: bool = False  # decay min(ema_decay, (1 + step) / (10 + step)) for short runs
     seed: int = 0
@@ -148,7 +156,39 @@ class TrainConfig:
     time_budget_min: float = 0.0  # stop (checkpointed, not preempted) after this many minutes; 0: none
     init_from: str = ""  # start a NEW run from these model weights (a .pt/.safetensors state_dict)
     force_resume: bool = False  # resume even if run_dir/config.json holds another config
-    peak_tflops: float = 0.0  # device peak for MFU; 0: measured by a matmul at start
+    peak_tflops: float = 0.0  # device peak for MFU; 0: the device's dense peak from a table, else measured
+    # dtype of the data-parallel gradient reduction: "auto" keeps DeepSpeed's default (the
+    # training precision, bf16 under bf16); the release reduces fp32 gradients ("fp32").
+    grad_reduce_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    stop_check_every: int = 10  # steps between the collective that agrees on a stop (signal, budget)
+
+    def __post_init__(self) -> None:
+        checkpointing_scope(self.activation_checkpointing)
+        if self.stop_check_every < 1:
+            raise ConfigError(f"stop_check_every must be >= 1, got {self.stop_check_every}")
+
+
+CHECKPOINTING_HELP = (
+    "'none', 'encoder', 'all', a block count N (the first N blocks in execution order) or block indices like '0,3,5'"
+)
+
+
+def checkpointing_scope(value: str | int) -> str | list[int]:
+    """Parse ``activation_checkpointing``: a scope name, or the list of block indices (a count N
+    is ``list(range(N))``). Indices are checked against the model later, when it is built."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ConfigError(f"activation_checkpointing: a block count must be >= 0, got {value}")
+        return list(range(value))
+    text = str(value).strip()
+    if text in ("none", "encoder", "all"):
+        return text
+    if text.isdigit():
+        return list(range(int(text)))
+    parts = [p.strip() for p in text.strip("[]").split(",") if p.strip()]
+    if parts and all(p.isdigit() for p in parts):
+        return sorted({int(p) for p in parts})
+    raise ConfigError(f"activation_checkpointing: {value!r} is not allowed; use {CHECKPOINTING_HELP}")
 
 
 # --------------------------------------------------------------------------- (de)serialisation
@@ -165,7 +205,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in typing.get_args(tp):
             return None
         options = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _coerce(value, options[0], key)
+        for option in options[:-1]:  # the first option that takes the value wins
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        return _coerce(value, options[-1], key)
     if origin is Literal:
         allowed = typing.get_args(tp)
         # type check too: True == 1 and 2.0 == 2 in Python, but neither is a ZeRO stage

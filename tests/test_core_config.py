@@ -207,5 +207,33 @@ def test_model_kwargs_build_the_release_constructor() -> None:
         "learn_sigma",
         "mask_ratio",
         "decode_layer",
+        "attention",
     }
     assert build_model(cfg).mask_ratio == 0.4
+
+
+@pytest.mark.parametrize(
+    "value,scope",
+    [("none", "none"), ("all", "all"), ("encoder", "encoder"), (3, [0, 1, 2]), ("3", [0, 1, 2]),
+     ("5,0,2", [0, 2, 5]), ("[1, 4]", [1, 4]), (0, [])],
+)
+def test_activation_checkpointing_takes_a_scope_a_count_or_block_indices(value, scope) -> None:
+    from mdt_ds.config import checkpointing_scope
+
+    assert checkpointing_scope(value) == scope
+    cfg = apply_overrides(TrainConfig(), [f"activation_checkpointing={value}"])
+    assert checkpointing_scope(cfg.activation_checkpointing) == scope
+
+
+def test_activation_checkpointing_from_a_yaml_int_and_bad_values(tmp_path) -> None:
+    from mdt_ds.config import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("activation_checkpointing: 12\nstop_check_every: 5\n")
+    cfg = load_config(path)
+    assert cfg.activation_checkpointing == 12 and cfg.stop_check_every == 5
+    for bad in ("decoder", "1,x", "-2"):
+        with pytest.raises(ConfigError, match="activation_checkpointing"):
+            apply_overrides(TrainConfig(), [f"activation_checkpointing={bad}"])
+    with pytest.raises(ConfigError, match="stop_check_every"):
+        apply_overrides(TrainConfig(), ["stop_check_every=0"])
