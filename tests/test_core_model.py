@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mdt_ds.config import MODEL_PRESETS
+from mdt_ds.config import MODEL_PRESETS, checkpointing_scope
 from mdt_ds.diffusion import create_diffusion
 from mdt_ds.diffusion.loss import MDTv2Loss
 from mdt_ds.models import build_model
@@ -484,3 +484,30 @@ def test_sdpa_is_what_attention_calls(monkeypatch: pytest.MonkeyPatch) -> None:
         model(x, t, y)
     assert len(calls) == len(model.en_inblocks) + len(model.en_outblocks) + len(model.de_blocks)
     assert all(m is not None and m.is_floating_point() for m in calls)
+
+
+@pytest.mark.parametrize("scope", [2, "1,3"], ids=["count", "list"])
+def test_activation_checkpointing_by_blocks(scope) -> None:
+    """A block count N wraps the first N blocks of MDTv2.blocks(); a list wraps exactly those
+    indices; losses and grads are unchanged."""
+    model = tiny().train()
+    loss_ref, grads_ref = loss_and_grads(model)
+    wrapped = copy.deepcopy(model)
+    indices = checkpointing_scope(scope)
+    assert apply_activation_checkpointing(wrapped, indices) == len(indices)
+    flags = [getattr(b, "_mdt_checkpointed", False) for b in wrapped.blocks()]
+    assert [i for i, f in enumerate(flags) if f] == ([0, 1] if scope == 2 else [1, 3])
+    loss, grads = loss_and_grads(wrapped)
+    torch.testing.assert_close(loss, loss_ref, atol=0, rtol=0)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], atol=1e-7, rtol=1e-6, msg=name)
+
+
+def test_checkpointing_rejects_out_of_range_blocks() -> None:
+    model = tiny()
+    count = len(model.blocks())
+    with pytest.raises(ValueError, match=f"has {count} blocks"):
+        apply_activation_checkpointing(model, checkpointing_scope(count + 1))
+    with pytest.raises(ValueError, match=f"\\[{count}\\].*has {count} blocks"):
+        apply_activation_checkpointing(model, [0, count])
+    assert not any(getattr(b, "_mdt_checkpointed", False) for b in model.blocks())  # checked first

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch.utils.checkpoint
@@ -15,7 +15,7 @@ from torch import nn
 from mdt_ds.models.mdt import MDTv2
 
 CheckpointFn = Callable[..., object]
-Scope = Literal["none", "encoder", "all"]
+Scope = Literal["none", "encoder", "all"] | Sequence[int]
 
 
 def _torch_checkpoint(fn: Callable, *args: object) -> object:
@@ -24,14 +24,28 @@ def _torch_checkpoint(fn: Callable, *args: object) -> object:
 
 def checkpointed_blocks(model: MDTv2, scope: Scope) -> list[nn.Module]:
     """"encoder": en_inblocks + en_outblocks (where the masked pass spends its activations on the
-    kept tokens); "all": every block including side and decoder blocks; "none": no block."""
-    if scope == "none":
-        return []
-    if scope == "encoder":
-        return [*model.en_inblocks, *model.en_outblocks]
-    if scope == "all":
-        return model.blocks()
-    raise ValueError(f"activation_checkpointing must be 'none', 'encoder' or 'all', got {scope!r}")
+    kept tokens); "all": every block including side and decoder blocks; "none": no block; a list
+    of indices into ``model.blocks()`` (what ``mdt_ds.config.checkpointing_scope`` returns for a
+    block count N or for "0,3,5"): exactly those blocks."""
+    if isinstance(scope, str):
+        if scope == "none":
+            return []
+        if scope == "encoder":
+            return [*model.en_inblocks, *model.en_outblocks]
+        if scope == "all":
+            return model.blocks()
+        raise ValueError(
+            f"activation_checkpointing must be 'none', 'encoder', 'all' or block indices, got {scope!r}"
+        )
+    blocks = model.blocks()
+    indices = list(scope)
+    bad = [i for i in indices if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(blocks)]
+    if bad:
+        raise ValueError(
+            f"activation_checkpointing: block indices {bad} are out of range; this model has "
+            f"{len(blocks)} blocks (indices 0..{len(blocks) - 1} in MDTv2.blocks() order)"
+        )
+    return [blocks[i] for i in sorted(set(indices))]
 
 
 def _checkpointed_forward(

@@ -39,14 +39,15 @@ class Masking:
 
 def random_masking(noise: torch.Tensor, ratio: float | torch.Tensor) -> Masking:
     """MAE masking from per-token noise: the ``int(L * (1 - ratio))`` tokens with the lowest
-    noise are kept (He et al., 2022; the release's ``random_masking``)."""
-    batch, length = noise.shape
+    noise are kept (He et al., 2022; the release's ``random_masking``). A Python float ratio
+    costs no host sync; a tensor ratio is read back once (``int()``), as the release does."""
+    length = noise.shape[1]
     len_keep = int(length * (1 - ratio))
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
-    mask = torch.ones(batch, length, device=noise.device)
-    mask[:, :len_keep] = 0
-    return Masking(ids_shuffle[:, :len_keep], ids_restore, torch.gather(mask, 1, ids_restore))
+    # The release gathers [0]*K + [1]*(L-K) through ids_restore: 1 exactly where rank >= K.
+    mask = (ids_restore >= len_keep).to(torch.get_default_dtype())
+    return Masking(ids_shuffle[:, :len_keep], ids_restore, mask)
 
 
 class MDTv2(nn.Module):
@@ -71,6 +72,7 @@ class MDTv2(nn.Module):
         learn_sigma: bool = True,
         mask_ratio: float | None = None,
         decode_layer: int = 4,
+        attention: str = "sdpa",
     ):
         super().__init__()
         if not 0 <= decode_layer <= depth:
@@ -84,6 +86,7 @@ class MDTv2(nn.Module):
         self.num_classes = num_classes
         self.decode_layer = int(decode_layer)
         self.mask_ratio = None if mask_ratio is None else float(mask_ratio)
+        self.attention = attention  # every Attention module's backend; no parameter depends on it
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -97,16 +100,11 @@ class MDTv2(nn.Module):
 
         # As released: an odd (depth - decode_layer) silently drops one encoder block.
         half = (depth - self.decode_layer) // 2
-        self.en_inblocks = nn.ModuleList(
-            MDTBlock(hidden_size, num_heads, mlp_ratio, grid) for _ in range(half)
-        )
-        self.en_outblocks = nn.ModuleList(
-            MDTBlock(hidden_size, num_heads, mlp_ratio, grid, skip=True) for _ in range(half)
-        )
-        self.de_blocks = nn.ModuleList(
-            MDTBlock(hidden_size, num_heads, mlp_ratio, grid, skip=True) for _ in range(self.decode_layer)
-        )
-        self.sideblocks = nn.ModuleList([MDTBlock(hidden_size, num_heads, mlp_ratio, grid)])
+        block = dict(hidden_size=hidden_size, num_heads=num_heads, mlp_ratio=mlp_ratio, grid=grid, attention=attention)
+        self.en_inblocks = nn.ModuleList(MDTBlock(**block) for _ in range(half))
+        self.en_outblocks = nn.ModuleList(MDTBlock(**block, skip=True) for _ in range(half))
+        self.de_blocks = nn.ModuleList(MDTBlock(**block, skip=True) for _ in range(self.decode_layer))
+        self.sideblocks = nn.ModuleList([MDTBlock(**block)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -156,12 +154,18 @@ class MDTv2(nn.Module):
         generator: torch.Generator | None = None,
     ) -> Masking:
         """Draw the masking as the release does (ratio first, then per-token noise), or take
-        the given ratio / token noise so tests and users can drive it deterministically."""
+        the given ratio / token noise so tests and users can drive it deterministically. With a
+        Python float ``mask_ratio`` and a generator on ``device`` nothing is read back to the
+        host; a drawn ratio (``mask_ratio=None``) comes from the CPU generator (or the given
+        CPU generator), uniform in ``[mask_ratio, mask_ratio + 0.2)`` as released."""
         if mask_ratio is None:
             if self.mask_ratio is None:
                 raise ValueError("this model was built with mask_ratio=None: pass mask_ratio= or rebuild it")
-            draw = torch.rand(1, generator=generator, device=device if generator is None else generator.device)
-            mask_ratio = draw.to(device) * 0.2 + self.mask_ratio
+            # K = int(L * (1 - ratio)) sets shapes, so the host needs the ratio: draw it there
+            # (the release draws a device tensor and syncs on int()). A device generator can
+            # only be read back, at the cost of one sync: pass a float mask_ratio instead.
+            gen_device = "cpu" if generator is None else generator.device
+            mask_ratio = torch.rand(1, generator=generator, device=gen_device).item() * 0.2 + self.mask_ratio
         if mask_noise is None:
             length = self.x_embedder.num_patches
             gen_device = device if generator is None else generator.device
@@ -195,7 +199,9 @@ class MDTv2(nn.Module):
         generator: torch.Generator | None = None,
         force_drop_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Full pass (``enable_mask=False``) or masked training pass.
+        """Full pass (``enable_mask=False``) or masked training pass. ``generator`` drives
+        every random draw of the pass (mask ratio, token noise, label dropout) on its device;
+        without it they come from the global generators, as in the release.
 
         x: [N, C, H, W] noisy latents; t: [N] timesteps; y: [N] labels (``num_classes`` = null).
         Returns [N, out_channels, H, W]: eps then (with learn_sigma) the variance values.
@@ -207,7 +213,8 @@ class MDTv2(nn.Module):
             masking = self.draw_masking(x.shape[0], x.device, mask_noise, mask_ratio, generator)
             index = masking.ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[2])
             x = torch.gather(x, 1, index)
-        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids)
+        # With a generator the label dropout is drawn from it too, after the masking.
+        c = self.t_embedder(t) + self.y_embedder(y, self.training, force_drop_ids, generator)
         ids_keep = None if masking is None else masking.ids_keep
 
         skips = []
