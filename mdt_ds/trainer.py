@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import random
 import socket
 import time
 from pathlib import Path
@@ -51,6 +52,10 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the message names the step, the terms and the last checkpoint."""
 
 
+# "No non-finite step yet" for the device-side record of the first bad step.
+NO_BAD_STEP = 2**62
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, env: dist.DistEnv, run_dir: Path, stop: StopFlag):
         self.cfg, self.env, self.run_dir, self.stop = cfg, env, run_dir, stop
@@ -61,18 +66,49 @@ class Trainer:
         self.ema = ShardedEMA(self.engine, cfg.ema_decay, cfg.ema_warmup)
         self.step = self._resume_or_init()
         record_launch(run_dir, env, self.step)
-        self.objective = MDTv2Loss(create_diffusion(min_snr_gamma=cfg.diffusion.min_snr_gamma))
+        diffusion = create_diffusion(min_snr_gamma=cfg.diffusion.min_snr_gamma).to(self.device)
+        self.objective = MDTv2Loss(diffusion, mask_ratio=cfg.model.mask_ratio)
         self.batches = iter(self._build_loader(self.step * self.accum))
         self.macs_per_image = train_macs_per_image(self.engine.module)
-        peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else None
-        self.peak_flops = peak or measure_peak_flops(self.device, self.dtype)
+        self.peak_flops, self.peak_source = self._peak_flops()
         self.monitor = Monitor(run_dir, self.step, cfg.steps, dist.is_main(), summary_every=cfg.log_every * 10)
+        self.last_ckpt: Path | None = find_latest(run_dir)
+        self._reset_guards()
+
+    def _reset_guards(self) -> None:
+        """The loop's bookkeeping: finiteness record, stop flags, timing window."""
         self.bad_steps = 0
+        # With max_bad_steps > 0 each micro-step's loss is checked before its backward (a bad
+        # step must not be applied: in bf16 DeepSpeed does not skip it). Otherwise the first
+        # non-finite step is recorded on the device and read on logging and checkpoint steps.
+        self.check_each_step = self.cfg.max_bad_steps > 0
+        self._first_bad = torch.full((), NO_BAD_STEP, dtype=torch.long, device=self.device)
+        self._bad_terms: torch.Tensor | None = None
+        self._term_keys: list[str] = []
+        self._checked_step = self.step  # the last step whose finiteness all ranks agreed on
+        self._flags: tuple[bool, bool] | None = None  # (signal, budget) agreed at this step
         self._ema_gathered: tuple[int, dict[str, torch.Tensor]] | None = None
         self.started = time.time()
-        self.last_ckpt: Path | None = find_latest(run_dir)
+        self._window = (time.perf_counter(), 0)
+        self.last_scalars: dict[str, float] = {}
 
     # ---------------------------------------------------------------- setup
+    def _peak_flops(self) -> tuple[float, str]:
+        """The MFU denominator: ``peak_tflops`` if set, else the device's dense peak from the
+        table in mdt_ds.monitor (measured on devices it does not list). The measured matmul peak
+        is logged beside it: a launch-bound 1024^3 matmul under-reads an H100 3-5x."""
+        from mdt_ds.monitor import device_peak_flops
+
+        measured = measure_peak_flops(self.device, self.dtype)
+        if self.cfg.peak_tflops:
+            peak, source = self.cfg.peak_tflops * 1e12, "peak_tflops from the config"
+        else:
+            peak, source = device_peak_flops(self.device, self.dtype)
+        log.info("MFU peak %.4g TFLOP/s (%s); measured matmul peak %.4g TFLOP/s", peak / 1e12, source,
+                 measured / 1e12)
+        self.measured_peak_flops = measured
+        return peak, source
+
     def _resume_or_init(self) -> int:
         latest = find_latest(self.run_dir)
         if latest is None:
@@ -103,6 +139,9 @@ class Trainer:
             data.source, batch_size=self.micro, seed=self.cfg.seed, rank=self.env.rank,
             world_size=self.env.world_size, num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer,
             resampled=data.resampled, start_step=start_micro_step, skip_corrupt=data.skip_corrupt,
+            # Pinned batches make the non_blocking copy below asynchronous; on a CPU-only
+            # machine pinning only warns, so only for CUDA.
+            pin_memory=self.device.type == "cuda",
         )
 
     # ---------------------------------------------------------------- one step
@@ -111,64 +150,129 @@ class Trainer:
         return self.engine(x.to(self.dtype), t, **kwargs).float()
 
     def _micro_step(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        # Every random draw of this micro-step (t, noise, masks, label dropout) is seeded from
-        # (seed, rank, micro-step), so a resumed run follows the same trajectory.
-        dist.seed_everything(self.cfg.seed, self.env.rank, index)
+        # Every random draw of this micro-step is seeded from (seed, rank, micro-step), so a
+        # resumed run follows the same trajectory: t, the noises, label dropout and masking from
+        # a generator on the device (no copies, no syncs), the mask ratio on the host.
+        rank, seed = self.env.rank, self.cfg.seed
+        dist.seed_everything(seed, rank, index)
+        generator = torch.Generator(device=self.device).manual_seed(dist.derive_seed(seed, rank, index, "device"))
+        host_rng = random.Random(dist.derive_seed(seed, rank, index, "host"))
         x, y = next(self.batches)
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        return self.objective(self._model_fn, x, y)
+        return self.objective(self._model_fn, x, y, generator=generator, host_rng=host_rng)
 
-    def train_step(self) -> dict[str, float] | None:
-        """One optimizer step (``accum`` micro-steps). None when a bad step was skipped."""
-        sums: dict[str, float] = {}
+    def train_step(self) -> dict[str, torch.Tensor] | None:
+        """One optimizer step (``accum`` micro-steps): the mean terms as 0-d device tensors (read
+        only when logged). None when a bad step was skipped."""
+        total: torch.Tensor | None = None
         for micro in range(self.accum):
             loss, terms = self._micro_step(self.step * self.accum + micro)
-            if not self._all_finite(loss):
+            if self.check_each_step and not self._all_finite(loss):
                 return self._bad_step(terms)
+            self._term_keys = sorted(terms)
+            stacked = torch.stack([terms[k].float() for k in self._term_keys]) / self.accum  # one kernel, no read
+            if not self.check_each_step:
+                self._record_finiteness(loss, stacked)
             self.engine.backward(loss)
             self.engine.step()
-            for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + float(value) / self.accum
+            total = stacked if total is None else total + stacked
         self.ema.update(self.step)
-        return sums
+        return dict(zip(self._term_keys, total.unbind())) if total is not None else {}
+
+    def _record_finiteness(self, loss: torch.Tensor, stacked: torch.Tensor) -> None:
+        """Keep the first non-finite step and its terms on the device: no sync, no collective."""
+        newly = ~torch.isfinite(loss.detach()) & (self._first_bad == NO_BAD_STEP)
+        self._first_bad = torch.where(newly, self.step, self._first_bad)
+        self._bad_terms = stacked if self._bad_terms is None else torch.where(newly, stacked, self._bad_terms)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
-        flag = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0])
-        if torch.distributed.get_world_size() > 1:
-            flag = flag.to(self.device) if self.device.type == "cuda" else flag
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return float(flag) == 0.0
+        """Whether every rank's loss is finite (one small all-reduce that also carries the stop flags)."""
+        return self._reduce(bad=(~torch.isfinite(loss.detach())).double().view(1))[2] == 0.0
 
     def _bad_step(self, terms: dict[str, torch.Tensor]) -> None:
         self.bad_steps += 1
         detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
         if self.bad_steps > self.cfg.max_bad_steps or self.accum > 1:
-            raise TrainingDiverged(
-                f"non-finite loss at step {self.step} ({detail}) on some rank; last good checkpoint: "
-                f"{self.last_ckpt or 'none'}. Lower optim.lr, use precision=bf16/fp32, or set max_bad_steps "
-                f"(grad_accum 1 only) to skip such steps."
-            )
+            raise self._diverged(self.step, detail)
         log.warning("skipping non-finite step %d (%s); %d of %d allowed", self.step, detail, self.bad_steps,
                     self.cfg.max_bad_steps)
         return None
 
+    def _diverged(self, step: int, detail: str) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"non-finite loss at step {step} ({detail}) on some rank; last good checkpoint: "
+            f"{self.last_ckpt or 'none'}. Lower optim.lr, use precision=bf16/fp32, or set max_bad_steps "
+            f"(grad_accum 1 only) to skip such steps."
+        )
+
+    # ---------------------------------------------------------------- agreement across ranks
+    def _reduce(self, values: torch.Tensor | None = None, bad: torch.Tensor | None = None) -> list[float]:
+        """ONE all-reduce (sum) of ``[values..., signal, over budget, bad]`` and one read: the
+        logged scalars, the stop flags and the finiteness check share it. ``bad`` defaults to
+        whether this rank has recorded a non-finite step. Returns the summed list and records
+        the stop flags; raises TrainingDiverged when a recorded bad step shows up."""
+        over_budget = self.cfg.time_budget_min and time.time() - self.started > 60 * self.cfg.time_budget_min
+        host = torch.tensor([float(self.stop.requested), float(bool(over_budget))], dtype=torch.float64)
+        recorded = bad is None and not self.check_each_step
+        if bad is None:
+            bad = (self._first_bad != NO_BAD_STEP).double().view(1) if recorded else torch.zeros(1, dtype=torch.float64)
+        parts = [] if values is None else [values.double().reshape(-1).to(self.device)]
+        vec = torch.cat([*parts, host.to(self.device), bad.to(self.device)])
+        if self.env.world_size > 1:
+            torch.distributed.all_reduce(vec)
+        out = vec.tolist()  # the one host read of this reduction
+        self._flags = (out[-3] > 0, out[-2] > 0)
+        if recorded:
+            self._checked_step = self.step
+            if out[-1] > 0:
+                self._raise_recorded()
+        return out
+
+    def _raise_recorded(self) -> None:
+        """Some rank recorded a non-finite step: agree on the first one (all ranks are here)."""
+        first = self._first_bad.clone().view(1)
+        if self.env.world_size > 1:
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+        step = int(first[0])
+        mine = self._bad_terms if int(self._first_bad) == step else None
+        detail = "terms on another rank" if mine is None else ", ".join(
+            f"{k}={v:.4g}" for k, v in zip(self._term_keys, (mine * self.accum).tolist()))
+        raise self._diverged(step, detail)
+
+    def _stop_requested(self) -> str:
+        """"signal" (any rank got SIGUSR1/SIGTERM), "budget" (time budget spent) or "": every
+        rank takes the same decision at the same step boundary. The flags ride on this step's
+        reduction if there was one (logging, finiteness); else they get their own small
+        all-reduce every ``stop_check_every`` steps, so most steps run no collective of ours."""
+        if self._flags is None and self.step % self.cfg.stop_check_every == 0:
+            self._reduce()
+        flags, self._flags = self._flags, None
+        if flags is None:
+            return ""
+        return "signal" if flags[0] else "budget" if flags[1] else ""
+
     # ---------------------------------------------------------------- loop
+    def one_step(self) -> str:
+        """Train one step, log it when due, and return the agreed stop decision ("" to go on)."""
+        cfg = self.cfg
+        self._ema_gathered = None  # a full fp32 copy of the model: keep it no longer than a step
+        self._flags = None
+        terms = self.train_step()
+        self.step += 1
+        start, steps = self._window
+        self._window = (start, steps + 1)
+        self.monitor.advance()
+        if terms is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+            self.last_scalars = self._log(terms, (time.perf_counter() - start) / (steps + 1))
+            self._window = (time.perf_counter(), 0)
+        return self._stop_requested()
+
     def run(self) -> dict:
         cfg = self.cfg
-        last: dict[str, float] = {}
         preempted = False
-        window_start, window_steps = time.perf_counter(), 0
+        self._window = (time.perf_counter(), 0)
         while self.step < cfg.steps:
-            self._ema_gathered = None  # a full fp32 copy of the model: keep it no longer than a step
-            terms = self.train_step()
-            self.step += 1
-            window_steps += 1
-            self.monitor.advance()
-            if terms is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-                elapsed = time.perf_counter() - window_start
-                last = self._log(terms, elapsed / window_steps)
-                window_start, window_steps = time.perf_counter(), 0
-            stop = self._stop_requested()
+            stop = self.one_step()
             if stop:
                 preempted = stop == "signal"
                 break
@@ -185,25 +289,25 @@ class Trainer:
         if preempted:
             log.warning("stopped by signal at step %d after saving %s", self.step, self.last_ckpt)
         return {
-            "step": self.step, "preempted": preempted, "run_dir": str(self.run_dir), "loss": last.get("loss", math.nan),
-            "zero_stage": self.engine.zero_optimization_stage(), "world_size": self.env.world_size,
+            "step": self.step, "preempted": preempted, "run_dir": str(self.run_dir),
+            "loss": self.last_scalars.get("loss", math.nan), "zero_stage": self.engine.zero_optimization_stage(),
+            "world_size": self.env.world_size,
         }
 
-    def _stop_requested(self) -> str:
-        """"signal" (any rank got SIGUSR1/SIGTERM), "budget" (time budget spent) or "": every
-        rank takes the same decision at the same step boundary."""
-        over_budget = self.cfg.time_budget_min and time.time() - self.started > 60 * self.cfg.time_budget_min
-        flags = torch.tensor([float(self.stop.requested), float(bool(over_budget))])
-        if self.device.type == "cuda":
-            flags = flags.to(self.device)
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        return "signal" if flags[0] > 0 else "budget" if flags[1] > 0 else ""
-
-    def _log(self, terms: dict[str, float], step_time: float) -> dict[str, float]:
-        scalars = dist.mean_across_ranks(terms)
+    def _log(self, terms: dict[str, torch.Tensor], step_time: float) -> dict[str, float]:
+        """Average the terms over ranks in the step's one reduction and log them (the only host
+        reads of a logging step)."""
+        keys = sorted(terms)
+        values = [terms[k].detach().double().reshape(()) for k in keys]
+        grad_norm = self.engine.get_global_grad_norm()
+        if isinstance(grad_norm, torch.Tensor):  # equal on every rank: the mean is the value
+            keys, values = [*keys, "grad_norm"], [*values, grad_norm.detach().double().reshape(()).to(self.device)]
+        summed = self._reduce(torch.stack([v.to(self.device) for v in values]))
+        scalars = {k: v / self.env.world_size for k, v in zip(keys, summed)}
+        if not isinstance(grad_norm, torch.Tensor):
+            scalars["grad_norm"] = float(grad_norm or 0.0)
         images_per_s = self.cfg.global_batch / step_time
         scalars.update(
-            grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
             lr=self.engine.get_lr()[0],
             step_time=step_time,
             images_per_s=images_per_s,
@@ -224,6 +328,8 @@ class Trainer:
     def save(self) -> None:
         if self.last_ckpt is not None and self.last_ckpt.name == f"step_{self.step:07d}":
             return
+        if not self.check_each_step and self._checked_step != self.step:
+            self._reduce()  # never publish a checkpoint of a diverged run: raises if a step was bad
         self.last_ckpt = save_training_state(self.engine, self.ema, self.run_dir, self.step)
         state = self._gathered_ema()
         if dist.is_main():
@@ -239,14 +345,15 @@ class Trainer:
         from mdt_ds.sampling import SampleOptions
 
         cfg = self.cfg
-        model = build_model(cfg.model)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            model = build_model(cfg.model, device=self.device)  # random init, overwritten at once
         model.load_state_dict(self._gathered_ema(), strict=True)
         options = SampleOptions(
             sampler="ddim", steps=cfg.fid_steps, cfg_scale=max(cfg.diffusion.cfg_scale, 1.0),
             cfg_pow=cfg.diffusion.cfg_pow, guide_channels=cfg.diffusion.guide_channels,
         )
         result = fid_for_model(
-            model.to(self.device).eval(), codec_for_source(cfg.data.source, cfg.model.in_channels), cfg.fid_ref,
+            model.eval(), codec_for_source(cfg.data.source, cfg.model.in_channels, device=self.device), cfg.fid_ref,
             num_images=cfg.fid_images, seed=cfg.seed, options=options, inception=cfg.fid_inception or None,
             device=self.device,
         )
@@ -260,7 +367,8 @@ class Trainer:
             from mdt_ds.grids import render_grid
 
             try:
-                grid = render_grid(self.cfg, state, self.run_dir / "samples" / f"step_{self.step:07d}.png")
+                path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
+                grid = render_grid(self.cfg, state, path, device=self.device)
                 self.monitor.image("samples/ema", grid, self.step)
             except Exception as err:  # noqa: BLE001 - a failed grid must not kill a training run
                 log.warning("sample grid at step %d failed: %s", self.step, err)

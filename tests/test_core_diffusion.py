@@ -4,6 +4,7 @@ Hang et al. 2023), respacing, the samplers' timestep contract, and the MDTv2 los
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -288,24 +289,26 @@ def test_mdtv2_loss_sums_full_and_masked() -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.05)
-    model.eval()  # no label dropout; the mask is drawn from the global generator (seeded below)
+    model.eval()  # no label dropout; the masking noise comes from the objective's generator
     diffusion = create_diffusion("")
     x0 = randn(3, 4, 8, 8, seed=1)
     y = torch.tensor([1, 2, 3])
 
-    torch.manual_seed(5)
-    loss, terms = MDTv2Loss(diffusion)(model, x0, y, generator=torch.Generator().manual_seed(9))
+    objective = MDTv2Loss(diffusion, mask_ratio=0.3)
+    loss, terms = objective(model, x0, y, generator=torch.Generator().manual_seed(9), host_rng=random.Random(4))
     assert set(terms) == {"loss", "mse", "vb", "m_mse", "m_vb"}
 
-    # Replay the same draws by hand: t once, then one noise per pass.
+    # Replay the same draws by hand: t, the full pass's noise (the model draws from the same
+    # generator), the masked pass's noise, then the masked pass with a host-drawn float ratio.
     gen = torch.Generator().manual_seed(9)
-    t = torch.randint(0, T, (3,), generator=gen)
-    noise_full = torch.randn(x0.shape, generator=gen)
-    noise_masked = torch.randn(x0.shape, generator=gen)
-    torch.manual_seed(5)
+    ratio = 0.3 + 0.2 * random.Random(4).random()
     with torch.no_grad():
-        full = diffusion.training_losses(model, x0, t, {"y": y}, noise_full)
-        masked = diffusion.training_losses(model, x0, t, {"y": y, "enable_mask": True}, noise_masked)
+        t = torch.randint(0, T, (3,), generator=gen)
+        full = diffusion.training_losses(model, x0, t, {"y": y, "generator": gen}, torch.randn(x0.shape, generator=gen))
+        masked = diffusion.training_losses(
+            model, x0, t, {"y": y, "enable_mask": True, "generator": gen, "mask_ratio": ratio},
+            torch.randn(x0.shape, generator=gen),
+        )
     torch.testing.assert_close(loss.detach(), full["loss"].mean() + masked["loss"].mean())
     torch.testing.assert_close(terms["loss"], loss.detach())
     torch.testing.assert_close(terms["mse"], full["mse"].mean())
@@ -319,6 +322,79 @@ def test_mdtv2_loss_sums_full_and_masked() -> None:
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
     assert grads["sideblocks.0.attn.qkv.weight"].abs().sum() > 0  # the masked pass trains the side block
     assert grads["mask_token"].abs().sum() > 0
+
+
+def test_mdtv2_loss_passes_a_host_float_ratio_and_the_generator() -> None:
+    """The masked pass gets a Python float in [lo, lo + 0.2) (the release's interval) and the
+    device generator; t and both noises come from that generator, none from the global one."""
+    calls: list[dict] = []
+
+    def model(x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        calls.append(kwargs)
+        return torch.cat([torch.zeros_like(x), torch.zeros_like(x)], dim=1)
+
+    objective = MDTv2Loss(create_diffusion(""), mask_ratio=0.3)
+    gen = torch.Generator().manual_seed(1)
+    rng = random.Random(2)
+    ratios = []
+    for _ in range(200):
+        calls.clear()
+        objective(model, randn(2, 1, 4, 4), torch.tensor([0, 1]), generator=gen, host_rng=rng)
+        full, masked = calls
+        assert full["generator"] is gen and "mask_ratio" not in full and not full.get("enable_mask")
+        assert masked["generator"] is gen and masked["enable_mask"] and type(masked["mask_ratio"]) is float
+        ratios.append(masked["mask_ratio"])
+    assert 0.3 <= min(ratios) < 0.32 and 0.48 < max(ratios) < 0.5
+    # Same generator state -> same draws; the global generator plays no part.
+    state = torch.random.get_rng_state()
+    one = objective(model, randn(2, 1, 4, 4), torch.tensor([0, 1]), torch.Generator().manual_seed(5), random.Random(0))
+    torch.manual_seed(123)
+    two = objective(model, randn(2, 1, 4, 4), torch.tensor([0, 1]), torch.Generator().manual_seed(5), random.Random(0))
+    torch.random.set_rng_state(state)
+    assert torch.equal(one[0], two[0])
+
+
+def test_schedules_are_cast_once_per_device_and_match_release_extract() -> None:
+    """Gathering from the cached float32 table equals ADM's gather-in-float64-then-cast, for
+    every schedule, and the table is made once (same tensor object on the next call)."""
+    from mdt_ds.diffusion.gaussian import SCHEDULES, extract
+
+    d = create_diffusion("")
+    t = torch.tensor([0, 1, 17, 500, 998, 999])
+    for name in SCHEDULES:
+        assert torch.equal(d.at(name, t, (6, 2, 3, 3)), extract(getattr(d, name), t, (6, 2, 3, 3))), name
+    first = d.table("sqrt_alphas_cumprod", "cpu")
+    assert first.dtype == torch.float32 and d.table("sqrt_alphas_cumprod", torch.device("cpu")) is first
+    assert d.to("cpu") is d and len(d._tables) == len(SCHEDULES)
+    spaced = create_diffusion("ddim50")
+    steps = torch.arange(50)
+    assert spaced.model_timesteps(steps) is not None and spaced._tables[("timestep_map", steps.device)] is not None
+    torch.testing.assert_close(spaced.model_timesteps(steps), spaced.timestep_map, rtol=0, atol=0)
+
+
+def test_training_step_maths_copies_no_schedule() -> None:
+    """A training-loss call reads only cached tables: no float64 tensor is created or copied
+    (that would be a host-to-device copy per call on a GPU), and no host sync happens."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mdt_ds.syncs import count_host_syncs
+
+    class Float64Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.dtype == torch.float64:
+                self.ops.append(str(func))
+            return out
+
+    d = create_diffusion("").to("cpu")
+    x0, t = randn(4, 2, 4, 4), torch.tensor([0, 3, 500, 999])
+    with Float64Ops() as seen, count_host_syncs() as syncs:
+        d.training_losses(recording_model([]), x0, t, noise=randn(4, 2, 4, 4, seed=2))
+    assert seen.ops == [] and syncs.count == 0
 
 
 def test_mdtv2_loss_without_masked_pass() -> None:

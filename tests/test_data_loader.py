@@ -246,3 +246,36 @@ def _worker(out: Path, root: str) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     _worker(Path(sys.argv[1]), sys.argv[2])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_pin_memory_reaches_the_dataloader(moments_dir: Path, monkeypatch: pytest.MonkeyPatch, workers: int) -> None:
+    """pin_memory=True (what the trainer asks for on CUDA) pins every batch: the DataLoader gets
+    pin_memory=True with workers, and each batch is pinned without; False pins nothing."""
+    seen: list[dict] = []
+    pinned: list[int] = []
+
+    class FakeDataLoader:
+        def __init__(self, dataset, **kwargs) -> None:
+            seen.append(kwargs)
+            self.dataset = dataset
+
+        def __iter__(self):
+            return iter(self.dataset)
+
+    def fake_pin(self: torch.Tensor) -> torch.Tensor:  # pinning needs CUDA: record the call instead
+        pinned.append(self.numel())
+        return self
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", FakeDataLoader)
+    monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
+    for pin in (False, True):
+        seen.clear(), pinned.clear()
+        loader = build_loader(moments_dir, batch_size=4, seed=0, rank=0, world_size=1, num_workers=workers,
+                              shuffle_buffer=8, pin_memory=pin)
+        x, y = next(iter(loader))
+        assert loader.pin_memory is pin
+        if workers:
+            assert [k["pin_memory"] for k in seen] == [pin] and pinned == []
+        else:
+            assert seen == [] and pinned == ([x.numel(), y.numel()] if pin else [])

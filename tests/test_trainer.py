@@ -48,10 +48,11 @@ def losses(run_dir: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def scenarios(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One 2-process job that runs the stage, resume and checkpointing scenarios."""
+    """One 2-process job that runs the stage, resume, checkpointing, host-sync and compile scenarios."""
     work = tmp_path_factory.mktemp("trainer")
     out = work / "results.json"
-    torchrun(["tests/trainer_worker.py", str(out), str(work), "stages", "resume", "checkpointing"], timeout=900)
+    torchrun(["tests/trainer_worker.py", str(out), str(work), "stages", "resume", "checkpointing", "syncs", "compile"],
+             timeout=1200)
     return {"work": work, **json.loads(out.read_text())}
 
 
@@ -83,6 +84,28 @@ def test_resume_is_bit_exact(scenarios: dict, stage: int) -> None:
 
 def test_activation_checkpointing_gives_identical_losses(scenarios: dict) -> None:
     assert scenarios["checkpointing"]["all"] == scenarios["checkpointing"]["none"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_training_step_makes_no_host_sync_of_ours(scenarios: dict, precision: str) -> None:
+    """ZeRO-2, 2 ranks, max_bad_steps=0, stop checked every 2 steps, logged at step 5: steps 2-5
+    read nothing back from the device outside DeepSpeed's own engine.step(), run no collective
+    of ours on step 3, and exactly one small all-reduce on a stop-check or logging step.
+    (Before: 11 syncs of ours per step and 2 all-reduces; DeepSpeed's step(): 2 in fp32, 3 in bf16.)"""
+    steps = scenarios["syncs"][precision]
+    assert [s["syncs_ours"] for s in steps] == [0, 0, 0, 0], steps
+    assert [s["collectives_ours"] for s in steps] == [["all_reduce"], [], ["all_reduce"], ["all_reduce"]], steps
+    assert all(s["syncs_total"] == s["syncs_deepspeed"] for s in steps)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_compiled_blocks_match_eager_losses(scenarios: dict, stage: int) -> None:
+    """compile=true with activation checkpointing on 2 blocks: fp32 losses equal eager to 1e-5,
+    and dynamo really compiled graphs (a no-op compile would match trivially)."""
+    result = scenarios["compile"][f"stage{stage}"]
+    assert len(result["compiled"]) == len(result["eager"]) == 4
+    assert max(abs(a - b) for a, b in zip(result["compiled"], result["eager"])) < 1e-5, result
+    assert result["graphs"] > 0, result
 
 
 def test_ema_snapshot_loads_strictly_into_plain_model(scenarios: dict) -> None:
@@ -230,3 +253,203 @@ def test_python_entry_point_single_process_with_grid_and_fid(tmp_path: Path) -> 
 def test_fid_without_reference_is_refused(tmp_path: Path) -> None:
     proc = train_cli(tmp_path, "steps=1", "fid_every=1", timeout=120)
     assert proc.returncode == 2 and "needs fid_ref" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- unit level, no DeepSpeed
+class FakeEngine:
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.backwards = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        return x
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.backwards += 1
+
+    def step(self) -> None:
+        pass
+
+    def get_global_grad_norm(self) -> torch.Tensor:
+        return torch.tensor(1.5)
+
+    def get_lr(self) -> list[float]:
+        return [1e-3]
+
+
+class FakeMonitor:
+    def __init__(self) -> None:
+        self.logged: list[tuple[int, dict, str]] = []
+        self.images: list[int] = []
+
+    def log(self, step: int, scalars: dict, prefix: str = "train") -> None:
+        self.logged.append((step, scalars, prefix))
+
+    def advance(self, steps: int = 1) -> None:
+        pass
+
+    def image(self, tag: str, grid, step: int) -> None:
+        self.images.append(step)
+
+    def text(self, message: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def nan_after(calls: int):
+    """An objective whose loss turns NaN from its ``calls``-th call on (0-based)."""
+    seen = []
+
+    def objective(model_fn, x, y, generator=None, host_rng=None):
+        seen.append(generator)
+        value = torch.tensor(math.nan if len(seen) > calls else 1.0 / len(seen))
+        return value, {"loss": value, "mse": value * 0.5}
+
+    return objective
+
+
+def bare_trainer(tmp_path: Path, *overrides: str, objective=None, device: str = "cpu"):
+    """A Trainer without DeepSpeed: fake engine, EMA, monitor and objective; one process."""
+    from mdt_ds.dist import DistEnv
+    from mdt_ds.preemption import StopFlag
+    from mdt_ds.trainer import Trainer
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.cfg = apply_overrides(TrainConfig(), [*TINY, f"run_dir={tmp_path}", *overrides])
+    trainer.env, trainer.run_dir, trainer.stop = DistEnv(0, 0, 1, "127.0.0.1", 0, "none"), tmp_path, StopFlag()
+    trainer.micro, trainer.accum, trainer.step = 4, 1, 0
+    trainer.engine = FakeEngine(device)
+    trainer.device, trainer.dtype = trainer.engine.device, torch.float32
+    trainer.ema = type("FakeEMA", (), {"update": lambda self, step: None})()
+    trainer.objective = objective or nan_after(10**9)
+    trainer.batches = iter(lambda: (torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long)), None)
+    trainer.macs_per_image, trainer.peak_flops, trainer.peak_source = 1.0, 1e12, "test"
+    trainer.monitor, trainer.last_ckpt = FakeMonitor(), None
+    if device == "cpu":
+        trainer._reset_guards()
+    return trainer
+
+
+def test_deferred_finiteness_check_refuses_the_checkpoint_and_names_the_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max_bad_steps=0: no check before each backward (no sync); the NaN of step 3 (0-based)
+    is found before the step-4 checkpoint, which is never written, and the error names step 3."""
+    from mdt_ds import trainer as trainer_mod
+
+    saved: list[int] = []
+    monkeypatch.setattr(trainer_mod, "save_training_state", lambda engine, ema, run_dir, step: saved.append(step)
+                        or Path(f"step_{step:07d}"))
+    monkeypatch.setattr(trainer_mod, "save_ema_snapshot", lambda state, cfg, run_dir, step: Path("ema"))
+    tr = bare_trainer(tmp_path, "steps=8", "log_every=100", "ckpt_every=2", "max_bad_steps=0",
+                      objective=nan_after(3))
+    tr._gathered_ema = lambda: {}
+    with pytest.raises(trainer_mod.TrainingDiverged, match=r"at step 3 \(loss=nan, mse=nan\).*step_0000002"):
+        tr.run()
+    assert saved == [2] and tr.engine.backwards == 4 and tr.step == 4
+
+
+def test_skipping_bad_steps_checks_before_each_backward(tmp_path: Path) -> None:
+    """max_bad_steps=1: the NaN step is found before its backward and skipped; the next stops."""
+    from mdt_ds.trainer import TrainingDiverged
+
+    tr = bare_trainer(tmp_path, "steps=8", "log_every=100", "ckpt_every=0", "max_bad_steps=1",
+                      objective=nan_after(2))
+    reductions = []
+    inner = tr._reduce
+    tr._reduce = lambda *a, **k: reductions.append(tr.step) or inner(*a, **k)
+    assert tr.one_step() == "" and tr.one_step() == "" and tr.one_step() == ""  # the third is skipped
+    assert tr.engine.backwards == 2 and tr.bad_steps == 1 and reductions == [0, 1, 2]
+    with pytest.raises(TrainingDiverged, match="at step 3"):
+        tr.one_step()
+
+
+def test_stop_flags_ride_on_logging_or_every_k_steps(tmp_path: Path) -> None:
+    """One small reduction every stop_check_every steps, or the logging step's own: a signal
+    is acted on at the first such step, and no other step runs one."""
+    tr = bare_trainer(tmp_path, "steps=100", "log_every=5", "stop_check_every=3", "ckpt_every=0")
+    reductions = []
+    inner = tr._reduce
+    tr._reduce = lambda *a, **k: reductions.append(tr.step) or inner(*a, **k)
+    assert [tr.one_step() for _ in range(6)] == [""] * 6
+    assert reductions == [3, 5, 6]  # k=3, the log at 5, k at 6
+    tr.stop.signal = signal.SIGUSR1
+    assert [tr.one_step() for _ in range(3)] == ["", "", "signal"]  # steps 7, 8: none; 9: k
+    assert tr.monitor.logged[0][0] == 5 and tr.monitor.logged[0][1]["grad_norm"] == 1.5
+    assert tr.monitor.logged[0][1]["loss"] == pytest.approx(1 / 5)
+
+
+def test_micro_steps_draw_from_a_device_generator_seeded_by_step(tmp_path: Path) -> None:
+    """Each micro-step gets a fresh generator on the engine's device, seeded from (seed, rank,
+    micro-step): equal for equal steps (resume), different across steps."""
+    tr = bare_trainer(tmp_path, "steps=4", "ckpt_every=0")
+    draws = []
+    tr.objective = lambda model_fn, x, y, generator, host_rng: draws.append(
+        (generator.device, torch.rand(3, generator=generator), host_rng.random())) or (torch.tensor(1.0), {})
+    tr._micro_step(5), tr._micro_step(6), tr._micro_step(5)
+    assert draws[0][0] == tr.device
+    assert torch.equal(draws[0][1], draws[2][1]) and draws[0][2] == draws[2][2]
+    assert not torch.equal(draws[0][1], draws[1][1]) and draws[0][2] != draws[1][2]
+
+
+def test_trainer_asks_for_pinned_batches_only_on_cuda(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import mdt_ds.data.loader as loader_mod
+
+    asked = []
+    monkeypatch.setattr(loader_mod, "build_loader", lambda source, **kw: asked.append(kw["pin_memory"]))
+    for device in ("cuda", "cpu"):
+        bare_trainer(tmp_path, device=device)._build_loader(0)
+    assert asked == [True, False]
+
+
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter")
+def test_grid_and_fid_run_on_the_engine_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sample_grid passes the engine's device to render_grid; evaluate_fid builds the EMA model,
+    the codec and the sampling on it (a "meta" engine device proves nothing falls back to CPU)."""
+    import numpy as np
+
+    import mdt_ds.grids as grids
+    import mdt_ds.metrics as metrics
+    from mdt_ds.models import build_model
+
+    calls: dict = {}
+    monkeypatch.setattr(grids, "render_grid", lambda cfg, state, path, **kw: calls.setdefault("grid", kw)
+                        and np.zeros((2, 2, 3), np.uint8))
+    monkeypatch.setattr(grids, "codec_for_source", lambda source, channels, **kw: calls.setdefault("codec", kw))
+
+    def fake_fid(model, codec, ref, **kw):
+        calls["fid"] = {"model_device": next(model.parameters()).device, **kw}
+        return {"fid": 1.0, "sfid": 2.0}
+
+    monkeypatch.setattr(metrics, "fid_for_model", fake_fid)
+    tr = bare_trainer(tmp_path, "fid_every=1", "fid_images=4")
+    tr.device = torch.device("meta")
+    state = build_model(tr.cfg.model).state_dict()
+    tr._ema_gathered = (tr.step, state)
+    tr.sample_grid()
+    tr.evaluate_fid()
+    assert calls["grid"]["device"] == tr.device and tr.monitor.images == [0]
+    assert calls["codec"]["device"] == tr.device
+    assert calls["fid"]["device"] == tr.device and calls["fid"]["model_device"] == tr.device
+
+
+def test_mfu_peak_from_the_device_table_and_measured_peak_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    import mdt_ds.monitor as monitor
+    import mdt_ds.trainer as trainer_mod
+
+    monkeypatch.setattr(monitor, "device_peak_flops", lambda device, dtype: (989e12, "table: H100 SXM bf16"),
+                        raising=False)
+    monkeypatch.setattr(trainer_mod, "measure_peak_flops", lambda device, dtype: 2e14)
+    tr = bare_trainer(tmp_path)
+    with caplog.at_level(logging.INFO, logger="mdt_ds.train"):
+        assert tr._peak_flops() == (989e12, "table: H100 SXM bf16")
+    assert "989 TFLOP/s (table: H100 SXM bf16); measured matmul peak 200 TFLOP/s" in caplog.text
+    assert tr.measured_peak_flops == 2e14
+    tr.cfg = apply_overrides(tr.cfg, ["peak_tflops=312"])
+    assert tr._peak_flops() == (312e12, "peak_tflops from the config")

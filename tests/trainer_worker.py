@@ -74,6 +74,109 @@ def scenario_checkpointing(workdir: Path) -> dict:
     return {"none": plain["losses"], "all": ckpt["losses"]}
 
 
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "barrier",
+               "reduce", "all_to_all_single", "all_reduce_coalesced")
+
+
+class StepProbe:
+    """Counts host syncs and torch.distributed collectives of one step, split into DeepSpeed's
+    (inside engine.backward / engine.step) and ours (everything else)."""
+
+    def __init__(self, engine) -> None:
+        import torch.distributed as tdist
+
+        self.inside = False
+        self.ds_syncs = 0
+        self.calls: list[tuple[str, bool]] = []
+        for name in ("backward", "step"):
+            setattr(engine, name, self._deepspeed(getattr(engine, name)))
+        for name in COLLECTIVES:
+            if hasattr(tdist, name):
+                setattr(tdist, name, self._collective(name, getattr(tdist, name)))
+
+    def _deepspeed(self, fn):
+        from mdt_ds.syncs import count_host_syncs
+
+        def wrapped(*args, **kwargs):
+            self.inside = True
+            try:
+                with count_host_syncs() as counter:
+                    return fn(*args, **kwargs)
+            finally:
+                self.inside = False
+                self.ds_syncs += counter.count
+
+        return wrapped
+
+    def _collective(self, name: str, fn):
+        def wrapped(*args, **kwargs):
+            self.calls.append((name, self.inside))
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    def measure(self, step_fn) -> dict:
+        from mdt_ds.syncs import count_host_syncs
+
+        self.ds_syncs, self.calls = 0, []
+        with count_host_syncs() as counter:
+            step_fn()
+        return {
+            "syncs_total": counter.count, "syncs_deepspeed": self.ds_syncs, "syncs_ours": counter.count - self.ds_syncs,
+            "copies_to_host": counter.copies_to_host,  # device-to-host reads (GPU only; 0 on CPU)
+            "collectives_ours": [n for n, inside in self.calls if not inside],
+            "collectives_deepspeed": len([n for n, inside in self.calls if inside]),
+        }
+
+
+def sync_counts(workdir: Path, name: str, *overrides: str, steps: int = 5) -> list[dict]:
+    """Per-step host syncs and collectives of steps 2..``steps`` of a run that logs at step
+    ``steps`` only (step 1 pays one-off set-up reads). Restores torch.distributed afterwards."""
+    import torch.distributed as tdist
+
+    from mdt_ds.preemption import StopFlag
+    from mdt_ds.train import prepare_run_dir
+    from mdt_ds.trainer import Trainer
+
+    cfg = load_config(None, [*BASE, f"run_dir={workdir / name}", f"log_every={steps}", f"steps={steps}",
+                             "ckpt_every=0", "max_bad_steps=0", *overrides])
+    trainer = Trainer(cfg, dist.launcher_env(), prepare_run_dir(cfg), StopFlag())
+    saved = {k: getattr(tdist, k) for k in COLLECTIVES if hasattr(tdist, k)}
+    try:
+        probe = StepProbe(trainer.engine)
+        return [probe.measure(trainer.one_step) for _ in range(steps)][1:]
+    finally:
+        for k, v in saved.items():
+            setattr(tdist, k, v)
+
+
+def scenario_syncs(workdir: Path) -> dict:
+    """Host syncs and collectives per step, ZeRO-2, fp32 and bf16, max_bad_steps=0, stop
+    checked every 2 steps (so steps 2 and 4 check, 3 does not, 5 logs)."""
+    return {p: sync_counts(workdir, f"syncs_{p}", "zero_stage=2", f"precision={p}", "stop_check_every=2")
+            for p in ("fp32", "bf16")}
+
+
+def scenario_compile(workdir: Path) -> dict:
+    """Regional torch.compile with activation checkpointing on 2 blocks, ZeRO-1 and ZeRO-2, fp32:
+    the losses of the eager and the compiled run, and how many graphs dynamo compiled."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    out = {}
+    for stage in (1, 2):
+        common = [f"zero_stage={stage}", "precision=fp32", "steps=4", "ckpt_every=0", "activation_checkpointing=2"]
+        eager = run(workdir, f"eager{stage}", *common)
+        torch._dynamo.reset()  # count this run's graphs (inductor's disk cache keeps the rebuild cheap)
+        counters.clear()
+        compiled = run(workdir, f"compiled{stage}", *common, "compile=true")
+        out[f"stage{stage}"] = {
+            "eager": eager["losses"], "compiled": compiled["losses"],
+            "graphs": int(counters["stats"]["unique_graphs"]), "recompiles": int(sum(counters["recompiles"].values())),
+        }
+    return out
+
+
 def main() -> None:
     out_path, workdir, *scenarios = sys.argv[1:]
     dist.init(use_deepspeed=True)

@@ -239,7 +239,9 @@ def make_inputs(
     chosen image/flip half, see :func:`decode_batch`): draw ``(mean + exp(logvar / 2) eps) * scale``."""
     if layout.kind == "pixels":
         x = pixels_to_float(arrays)
-        return torch.where(flips[:, None, None, None], x.flip(-1), x) if bool(flips.any()) else x
+        # Read the CPU mask through numpy: ``bool(tensor)`` would dispatch _local_scalar_dense,
+        # which the trainer's sync count (mdt_ds.syncs) would take for a device sync.
+        return torch.where(flips[:, None, None, None], x.flip(-1), x) if flips.numpy().any() else x
     chosen = arrays.float()
     scale = float(layout.codec.get("scale_factor", 1.0))
     if layout.moments == "mean":
@@ -302,8 +304,12 @@ class Loader:
         return int(self.manifest["num_classes"])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        # Pinned (page-locked) batches are what make ``.to("cuda", non_blocking=True)`` overlap
+        # with compute; from pageable memory that copy blocks the host. CUDA only: pinning needs
+        # a CUDA runtime, and on a CPU-only machine the DataLoader only warns.
         if self.num_workers == 0:
-            return iter(self.stream)
+            stream = iter(self.stream)
+            return (tuple(t.pin_memory() for t in batch) for batch in stream) if self.pin_memory else stream
         loader = torch.utils.data.DataLoader(
             self.stream,
             batch_size=None,

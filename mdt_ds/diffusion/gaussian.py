@@ -2,8 +2,11 @@
 Nichol 2021) with linear betas, epsilon prediction and learned-range variance, plus the Min-SNR
 weight of MDTv2 (Hang et al. 2023). Only the branches MDTv2 uses are ported.
 
-Schedules are kept in float64 and cast to float32 when gathered at t, as ADM's
-``_extract_into_tensor`` does; that is what makes the numbers match the release's.
+Schedules are kept in float64 and read as float32 at t, as ADM's ``_extract_into_tensor``
+does (gather in float64, then cast); that is what makes the numbers match the release's. The
+cast is elementwise, so casting the whole table once and gathering from it gives the same
+float32 numbers: each table is cast and copied to a device once and cached there, so a training
+step makes no host-to-device copy for the schedule.
 """
 
 from __future__ import annotations
@@ -26,9 +29,18 @@ def linear_beta_schedule(num_timesteps: int) -> torch.Tensor:
 
 
 def extract(arr: torch.Tensor, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """``arr[t]`` as float32, broadcast to ``shape`` (ADM's ``_extract_into_tensor``)."""
+    """``arr[t]`` as float32, broadcast to ``shape`` (ADM's ``_extract_into_tensor``). ``arr`` must
+    already be float32 on ``t``'s device for a copy-free gather (see ``GaussianDiffusion.table``)."""
     out = arr.to(t.device)[t].float()
     return out.view(-1, *([1] * (len(shape) - 1))).expand(shape)
+
+
+# The float64 schedules of a GaussianDiffusion, gathered at t through ``GaussianDiffusion.at``.
+SCHEDULES = (
+    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "log_betas",
+)
 
 
 class GaussianDiffusion:
@@ -58,14 +70,37 @@ class GaussianDiffusion:
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
         self.log_betas = torch.log(betas)
+        self._tables: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    # ------------------------------------------------------------ schedules on the device
+    def table(self, name: str, device: torch.device | str) -> torch.Tensor:
+        """The float64 schedule ``name`` as a float32 tensor on ``device``, made once per device."""
+        device = torch.device(device)
+        key = (name, device)
+        cached = self._tables.get(key)
+        if cached is None:
+            cached = self._tables[key] = getattr(self, name).float().to(device)
+        return cached
+
+    def to(self, device: torch.device | str) -> GaussianDiffusion:
+        """Put every schedule on ``device`` now (optional: :meth:`at` does it on first use)."""
+        for name in SCHEDULES:
+            self.table(name, device)
+        return self
+
+    def at(self, name: str, t: torch.Tensor, shape: torch.Size | tuple) -> torch.Tensor:
+        """Schedule ``name`` at ``t`` as float32, broadcast to ``shape``: ADM's
+        ``_extract_into_tensor`` without the per-call float64 copy."""
+        out = self.table(name, t.device)[t]
+        return out.view(-1, *([1] * (len(shape) - 1))).expand(shape)
 
     # ------------------------------------------------------------ forward process
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
         noise = torch.randn_like(x_start) if noise is None else noise
         return (
-            extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
-            + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise
+            self.at("sqrt_alphas_cumprod", t, x_start.shape) * x_start
+            + self.at("sqrt_one_minus_alphas_cumprod", t, x_start.shape) * noise
         )
 
     def q_posterior_mean_variance(
@@ -73,19 +108,19 @@ class GaussianDiffusion:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean, variance and clipped log variance of q(x_{t-1} | x_t, x_0)."""
         mean = (
-            extract(self.posterior_mean_coef1, t, x_t.shape) * x_start
-            + extract(self.posterior_mean_coef2, t, x_t.shape) * x_t
+            self.at("posterior_mean_coef1", t, x_t.shape) * x_start
+            + self.at("posterior_mean_coef2", t, x_t.shape) * x_t
         )
         return (
             mean,
-            extract(self.posterior_variance, t, x_t.shape),
-            extract(self.posterior_log_variance_clipped, t, x_t.shape),
+            self.at("posterior_variance", t, x_t.shape),
+            self.at("posterior_log_variance_clipped", t, x_t.shape),
         )
 
     def snr(self, t: torch.Tensor) -> torch.Tensor:
         """SNR(t) = abar_t / (1 - abar_t), as the float32 ratio the release computes."""
-        alpha = extract(self.sqrt_alphas_cumprod, t, t.shape)
-        sigma = extract(self.sqrt_one_minus_alphas_cumprod, t, t.shape)
+        alpha = self.at("sqrt_alphas_cumprod", t, t.shape)
+        sigma = self.at("sqrt_one_minus_alphas_cumprod", t, t.shape)
         return (alpha / sigma) ** 2
 
     def min_snr_weight(self, t: torch.Tensor) -> torch.Tensor:
@@ -96,13 +131,13 @@ class GaussianDiffusion:
     # ------------------------------------------------------------ reverse process
     def predict_xstart_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         return (
-            extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t
-            - extract(self.sqrt_recipm1_alphas_cumprod, t, x_t.shape) * eps
+            self.at("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t
+            - self.at("sqrt_recipm1_alphas_cumprod", t, x_t.shape) * eps
         )
 
     def predict_eps_from_xstart(self, x_t: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor) -> torch.Tensor:
-        return (extract(self.sqrt_recip_alphas_cumprod, t, x_t.shape) * x_t - pred_xstart) / extract(
-            self.sqrt_recipm1_alphas_cumprod, t, x_t.shape
+        return (self.at("sqrt_recip_alphas_cumprod", t, x_t.shape) * x_t - pred_xstart) / self.at(
+            "sqrt_recipm1_alphas_cumprod", t, x_t.shape
         )
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
@@ -121,8 +156,8 @@ class GaussianDiffusion:
                 f"model output has {model_output.shape[1]} channels; learned variance needs {2 * channels}"
             )
         eps, var_values = torch.split(model_output, channels, dim=1)
-        min_log = extract(self.posterior_log_variance_clipped, t, x.shape)
-        max_log = extract(self.log_betas, t, x.shape)
+        min_log = self.at("posterior_log_variance_clipped", t, x.shape)
+        max_log = self.at("log_betas", t, x.shape)
         frac = (var_values + 1) / 2
         log_variance = frac * max_log + (1 - frac) * min_log
         pred_xstart = self.predict_xstart_from_eps(x, t, eps)
@@ -206,8 +241,8 @@ class GaussianDiffusion:
         """One DDIM step (Song et al. 2021, eq. 12) with the eps implied by the predicted x_0."""
         out = self.p_mean_variance(model, x, t, clip_denoised, model_kwargs)
         eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
-        abar = extract(self.alphas_cumprod, t, x.shape)
-        abar_prev = extract(self.alphas_cumprod_prev, t, x.shape)
+        abar = self.at("alphas_cumprod", t, x.shape)
+        abar_prev = self.at("alphas_cumprod_prev", t, x.shape)
         sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
         mean = out["pred_xstart"] * torch.sqrt(abar_prev) + torch.sqrt(1 - abar_prev - sigma**2) * eps
         if eta == 0 or noise is None:

@@ -51,4 +51,7 @@ class SpacedDiffusion(GaussianDiffusion):
         self.original_num_steps = len(base_betas)
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
-        return self.timestep_map.to(t.device)[t]
+        key = ("timestep_map", t.device)
+        if key not in self._tables:  # copied to each device once, like the schedules
+            self._tables[key] = self.timestep_map.to(t.device)
+        return self._tables[key][t]
