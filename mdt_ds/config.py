@@ -404,6 +404,17 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         if "enabled" in knobs:
             raise ConfigError(f"deepspeed.{name}.enabled is derived from precision={cfg.precision!r}; remove it")
         ds[name] = {**knobs, "enabled": cfg.precision == name}
+    # DeepSpeed 0.19.8 reads "communication_data_type" (runtime/config.py) and casts every
+    # gradient bucket to it before the all-reduce / reduce-scatter (ZeRO-0 engine path and the
+    # ZeRO-1/2/3 optimizers). Unset, it reduces in the training precision: bf16 under bf16.
+    if cfg.grad_reduce_dtype != "auto":
+        user = cfg.deepspeed.get("communication_data_type")
+        if user is not None and user != cfg.grad_reduce_dtype:
+            raise ConfigError(
+                f"deepspeed.communication_data_type={user!r} contradicts grad_reduce_dtype="
+                f"{cfg.grad_reduce_dtype!r}; set only grad_reduce_dtype"
+            )
+        ds["communication_data_type"] = cfg.grad_reduce_dtype
     return ds
 
 

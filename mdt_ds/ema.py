@@ -1,9 +1,11 @@
 """EMA of the fp32 master weights, sharded exactly like the optimizer state.
 
 Each rank keeps the EMA of the slice of fp32 master weights it owns, so an update costs no
-communication (ZeRO-3: ``safe_get_local_fp32_param``; ZeRO-1/2 and bf16 ZeRO-0: each parameter's
-``_hp_mapping`` fragment of the optimizer's flat fp32 partition; fp32 ZeRO-0: the parameters
-themselves). Gathering happens only when a snapshot is saved (a collective: every rank calls it).
+communication (ZeRO-3: ``safe_get_local_fp32_param``; ZeRO-1/2: each parameter's ``_hp_mapping``
+fragment of the optimizer's flat fp32 partition; bf16/fp16 ZeRO-0: the fp32 copies that DeepSpeed's
+``FP16_UnfusedOptimizer`` keeps in ``fp32_groups``, which set no ``_hp_mapping``; fp32 ZeRO-0: the
+parameters themselves). Gathering happens only when a snapshot is saved (a collective: every rank
+calls it). A step that DeepSpeed skipped (fp16 overflow) leaves the EMA unchanged.
 """
 
 from __future__ import annotations
@@ -21,22 +23,44 @@ class ShardedEMA:
         self.warmup = warmup
         self.stage = engine.zero_optimization_stage()
         self.named = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+        self.skipped = 0  # updates left out because DeepSpeed skipped the optimizer step
         self.bind()
         self.shadow = [s.detach().float().clone() for s in self.sources]
 
     # ---------------------------------------------------------------- local fp32 views
-    def _local_fp32(self, param: torch.nn.Parameter) -> torch.Tensor:
+    def _masters(self) -> dict[int, torch.Tensor]:
+        """ZeRO-0 with bf16/fp16: low-precision parameter -> its fp32 master copy. DeepSpeed's
+        FP16_UnfusedOptimizer (engine.py ``_configure_fp16_optimizer``, used for both fp16 and
+        bf16 at stage 0) keeps them as ``fp32_groups`` parallel to ``fp16_groups``; its
+        ``load_state_dict`` copies into these same tensors, so the views stay valid on resume."""
+        optimizer = getattr(self.engine, "optimizer", None)
+        low, high = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
+        if not isinstance(low, list) or not isinstance(high, list):
+            return {}
+        return {id(lp): hp for lg, hg in zip(low, high) for lp, hp in zip(lg, hg) if hp.dtype == torch.float32}
+
+    def _local_fp32(self, param: torch.nn.Parameter, masters: dict[int, torch.Tensor]) -> torch.Tensor:
         if self.stage == 3:
             return safe_get_local_fp32_param(param)
         if hasattr(param, "_hp_mapping"):
             mapping = param._hp_mapping
             # None: this rank owns no slice of the parameter.
             return mapping.get_hp_fragment() if mapping is not None else torch.empty(0)
-        return param.data
+        if param.dtype == torch.float32:
+            return param.data
+        if id(param) in masters:
+            return masters[id(param)]
+        # An EMA of the bf16 weights would lose the small updates that an EMA exists to average.
+        raise RuntimeError(
+            f"EMA: no fp32 master copy of a {param.dtype} parameter found in DeepSpeed's "
+            f"{type(getattr(self.engine, 'optimizer', None)).__name__} (ZeRO stage {self.stage}); "
+            "use zero_stage=1 or 2 (the same memory per GPU on one process), or precision=fp32"
+        )
 
     def bind(self) -> None:
         """(Re)bind the views of the fp32 master slices (after engine init or a checkpoint load)."""
-        self.sources = [self._local_fp32(p) for _, p in self.named]
+        masters = self._masters() if self.stage == 0 else {}
+        self.sources = [self._local_fp32(p, masters) for _, p in self.named]
 
     def decay_at(self, step: int) -> float:
         """``decay``, or ``min(decay, (1 + step) / (10 + step))`` with warm-up (short runs)."""
@@ -44,7 +68,12 @@ class ShardedEMA:
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        """shadow <- decay * shadow + (1 - decay) * master, one multi-tensor op, no collective."""
+        """shadow <- decay * shadow + (1 - decay) * master, one multi-tensor op, no collective.
+        Nothing moves when DeepSpeed skipped the step (fp16 overflow): ``was_step_applied()``
+        returns a Python bool that DeepSpeed set during ``step()``, so reading it costs no sync."""
+        if not self.engine.was_step_applied():
+            self.skipped += 1
+            return
         weight = 1.0 - self.decay_at(step)
         pairs = [(s, m) for s, m in zip(self.shadow, self.sources) if s.numel()]
         if pairs:

@@ -70,19 +70,82 @@ class Monitor:
         self.stats.close()
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 1024, reps: int = 5) -> float:
-    """Matmul FLOP/s of this device in this dtype (the MFU denominator when no peak is given)."""
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 0, reps: int = 0) -> float:
+    """Matmul FLOP/s of this device in this dtype, timed on square matmuls large enough not to be
+    launch-bound (8192 x 10 on a GPU: a 1024^3 matmul reads about 200 of an H100's 989 TFLOP/s;
+    1024 x 5 on a CPU, where that size already runs at the cores' rate)."""
+    cuda = device.type == "cuda"
+    size = size or (8192 if cuda else 1024)
+    reps = reps or (10 if cuda else 5)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    for _ in range(2 if cuda else 1):  # warm-up: cuBLAS heuristics, clocks
+        a @ b
+    if cuda:
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     for _ in range(reps):
         a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize(device)
     return 2 * size**3 * reps / (time.perf_counter() - start)
+
+
+# Dense peaks (no 2:4 sparsity), TFLOP/s: (bf16/fp16 tensor core, TF32 tensor core, fp32 non-tensor).
+# NVIDIA datasheets list the tensor-core rates "with sparsity"; dense is half of that:
+# A100 datasheet (SXM4 and PCIe, 40/80 GB): 312 / 156 / 19.5.
+# H100 datasheet: SXM 989 / 494 / 67; PCIe 756 / 378 / 51; NVL 835 / 418 / 60.
+# H200 datasheet: H200 SXM as H100 SXM (same GH100 compute); H200 NVL 835 / 418 / 60.
+# H800 / A800 (export parts): the same compute as H100 / A100, only NVLink differs.
+_PEAKS: dict[str, tuple[float, float, float]] = {
+    "A100": (312.0, 156.0, 19.5),
+    "H100 SXM": (989.0, 494.0, 67.0),
+    "H100 PCIe": (756.0, 378.0, 51.0),
+    "H100 NVL": (835.0, 418.0, 60.0),
+    "H200 NVL": (835.0, 418.0, 60.0),
+}
+
+
+def _part(name: str) -> str | None:
+    """A ``torch.cuda.get_device_name()`` string -> a _PEAKS key (None: not in the table).
+    e.g. "NVIDIA H100 80GB HBM3" is the SXM part, "NVIDIA H200" and "NVIDIA GH200 480GB" count as
+    H100 SXM, "NVIDIA A100-SXM4-80GB" and "NVIDIA A100 80GB PCIe" are both A100."""
+    n = name.upper()
+    if "H200" in n:
+        return "H200 NVL" if "NVL" in n else "H100 SXM"
+    if "H100" in n or "H800" in n:
+        return "H100 PCIe" if "PCIE" in n else "H100 NVL" if "NVL" in n else "H100 SXM"
+    if "A100" in n or "A800" in n:
+        return "A100"
+    return None
+
+
+def tf32_enabled() -> bool:
+    """Whether fp32 matmuls may run as TF32 (then the TF32 peak is the honest denominator)."""
+    return torch.get_float32_matmul_precision() in ("high", "medium") or torch.backends.cuda.matmul.allow_tf32
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """(peak FLOP/s, where it comes from) for MFU: the dense datasheet peak of a known NVIDIA part
+    in the training dtype (fp32: TF32 when TF32 is allowed), else a measured large matmul."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        part = _part(name)
+        if part is not None:
+            half, tf32, fp32 = _PEAKS[part]
+            if dtype in (torch.bfloat16, torch.float16):
+                tflops, kind = half, str(dtype).removeprefix("torch.")
+            elif tf32_enabled():
+                tflops, kind = tf32, "tf32"
+            else:
+                tflops, kind = fp32, "fp32 (TF32 off)"
+            return tflops * 1e12, f"{part} dense {kind} peak from NVIDIA's datasheet ({name})"
+        label = f"{name}, not in the peak table"
+    else:
+        label = device.type
+    flops = measure_peak_flops(device, dtype)
+    return flops, f"measured large-matmul peak ({label}, {str(dtype).removeprefix('torch.')})"
 
 
 def memory_gb(device: torch.device) -> float:

@@ -237,3 +237,28 @@ def test_activation_checkpointing_from_a_yaml_int_and_bad_values(tmp_path) -> No
             apply_overrides(TrainConfig(), [f"activation_checkpointing={bad}"])
     with pytest.raises(ConfigError, match="stop_check_every"):
         apply_overrides(TrainConfig(), ["stop_check_every=0"])
+
+
+@pytest.mark.parametrize("value", ["auto", "fp32", "bf16", "fp16"])
+def test_grad_reduce_dtype_sets_deepspeeds_communication_dtype(value: str) -> None:
+    from mdt_ds.config import deepspeed_config
+
+    cfg = apply_overrides(TrainConfig(), ["precision=bf16", "zero_stage=2", "global_batch=8", f"grad_reduce_dtype={value}"])
+    ds = deepspeed_config(cfg, world_size=2)
+    if value == "auto":  # DeepSpeed's default: reduce in the training precision
+        assert "communication_data_type" not in ds
+    else:
+        assert ds["communication_data_type"] == value
+    assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 2
+
+
+def test_grad_reduce_dtype_conflicting_with_a_deepspeed_knob_is_refused() -> None:
+    from mdt_ds.config import deepspeed_config
+
+    cfg = TrainConfig(global_batch=8, grad_reduce_dtype="fp32", deepspeed={"communication_data_type": "bf16"})
+    with pytest.raises(ConfigError, match="communication_data_type='bf16' contradicts grad_reduce_dtype='fp32'"):
+        deepspeed_config(cfg, world_size=1)
+    same = TrainConfig(global_batch=8, grad_reduce_dtype="fp32", deepspeed={"communication_data_type": "fp32"})
+    assert deepspeed_config(same, world_size=1)["communication_data_type"] == "fp32"
+    kept = TrainConfig(global_batch=8, deepspeed={"communication_data_type": "fp32"})  # auto keeps the knob
+    assert deepspeed_config(kept, world_size=1)["communication_data_type"] == "fp32"

@@ -1,0 +1,72 @@
+"""MFU denominators: the dense datasheet peak per NVIDIA part and dtype, or a measured matmul."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mdt_ds import monitor
+from mdt_ds.monitor import device_peak_flops, measure_peak_flops
+
+# torch.cuda.get_device_name() strings -> (bf16, tf32, fp32) dense TFLOP/s and the part's name.
+NAMES = [
+    ("NVIDIA A100-SXM4-80GB", (312, 156, 19.5), "A100"),
+    ("NVIDIA A100-SXM4-40GB", (312, 156, 19.5), "A100"),
+    ("NVIDIA A100 80GB PCIe", (312, 156, 19.5), "A100"),
+    ("NVIDIA A100-PCIE-40GB", (312, 156, 19.5), "A100"),
+    ("NVIDIA H100 80GB HBM3", (989, 494, 67), "H100 SXM"),
+    ("NVIDIA H100 PCIe", (756, 378, 51), "H100 PCIe"),
+    ("NVIDIA H100 NVL", (835, 418, 60), "H100 NVL"),
+    ("NVIDIA H200", (989, 494, 67), "H100 SXM"),
+    ("NVIDIA H200 NVL", (835, 418, 60), "H200 NVL"),
+    ("NVIDIA GH200 480GB", (989, 494, 67), "H100 SXM"),
+]
+
+
+@pytest.fixture
+def matmul_precision():
+    saved = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(saved)
+
+
+@pytest.mark.parametrize("name,peaks,part", NAMES)
+def test_table_peak_for_each_part_and_dtype(name, peaks, part, monkeypatch, matmul_precision) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    cuda = torch.device("cuda", 0)
+    for dtype in (torch.bfloat16, torch.float16):
+        flops, source = device_peak_flops(cuda, dtype)
+        assert flops == peaks[0] * 1e12 and part in source and "datasheet" in source
+    torch.set_float32_matmul_precision("high")  # TF32 allowed: fp32 matmuls run on tensor cores
+    flops, source = device_peak_flops(cuda, torch.float32)
+    assert flops == peaks[1] * 1e12 and "tf32" in source
+    torch.set_float32_matmul_precision("highest")
+    flops, source = device_peak_flops(cuda, torch.float32)
+    assert flops == peaks[2] * 1e12 and "TF32 off" in source
+
+
+def test_unknown_gpu_is_measured(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GeForce RTX 4090")
+    calls = []
+    monkeypatch.setattr(monitor, "measure_peak_flops", lambda d, t: calls.append((d.type, t)) or 1.5e14)
+    flops, source = device_peak_flops(torch.device("cuda"), torch.bfloat16)
+    assert flops == 1.5e14 and calls == [("cuda", torch.bfloat16)]
+    assert "measured" in source and "RTX 4090" in source and "not in the peak table" in source
+
+
+def test_cpu_falls_back_to_a_measured_peak() -> None:
+    flops, source = device_peak_flops(torch.device("cpu"), torch.float32)
+    assert 1e8 < flops < 1e14 and "measured" in source and "cpu" in source
+
+
+def test_measured_peak_uses_large_gpu_matmuls(monkeypatch) -> None:
+    # The sizes chosen, not the timing: 8192^3 x 10 on a GPU (1024^3 is launch-bound there).
+    sizes = []
+    real_randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *s, **k: sizes.append(s) or real_randn(2, 2))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    measure_peak_flops(torch.device("cuda"), torch.float32)
+    assert sizes[0] == (8192, 8192)
+    sizes.clear()
+    measure_peak_flops(torch.device("cpu"), torch.float32)
+    assert sizes[0] == (1024, 1024)
