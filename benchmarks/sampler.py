@@ -5,9 +5,16 @@ with per-image seeds exactly as ``eval/sample_ddp.py`` samples (random weights: 
     python benchmarks/sampler.py --preset MDTv2-XL/2 --batch-size 64 --images 256 --configs ddpm250:3.8 \\
         --autocast bf16 --decode ema
 
+    # one GPU, XL/2 250-step DDPM with CFG, 8 images, 25 of the 250 steps timed and extrapolated
+    python benchmarks/sampler.py --preset MDTv2-XL/2 --batch-size 8 --images 8 --configs ddpm250:3.8 \
+        --time-steps 25 --repeats 2
+
 ``--configs`` lists SAMPLER+STEPS:CFG items (default: DDIM-50 and DDPM-250, with and without
-CFG). Latents only unless ``--decode CODEC`` adds the VAE decode. Prints one JSON object and
-writes it to --out if given.
+CFG). ``--time-steps N`` runs N denoising steps per image and scales the rate to the configured
+step count (every step is one forward of the same batch; the JSON marks it ``extrapolated``).
+On CUDA, TF32 is on for the whole process unless ``--no-tf32`` (as the release samples).
+Latents only unless ``--decode CODEC`` adds the VAE decode. Prints one JSON object and writes it
+to --out if given.
 """
 
 from __future__ import annotations
@@ -48,7 +55,9 @@ def parse_config(item: str) -> tuple[str, int, float]:
 
 
 def bench_one(model, codec, sampler: str, steps: int, cfg: float, args, device: torch.device) -> dict:
-    options = SampleOptions(cfg_scale=cfg, sampler=sampler, steps=steps, autocast=args.autocast)
+    """Images per second of one sampler setting (best and median of ``args.repeats``)."""
+    timed_steps = min(args.time_steps or steps, steps)
+    options = SampleOptions(cfg_scale=cfg, sampler=sampler, steps=timed_steps, autocast=args.autocast)
     diffusion = create_diffusion(options.respacing())
 
     def run(indices: list[int]) -> None:
@@ -77,10 +86,14 @@ def bench_one(model, codec, sampler: str, steps: int, cfg: float, args, device: 
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    rates = sorted(args.images / t for t in times)
+    # Each step costs one forward of the same batch, so the rate scales with timed/configured steps
+    # (the decode, when on, is a one-off per image and is scaled too: a small underestimate).
+    rates = sorted(args.images / t * timed_steps / steps for t in times)
     return {
         "sampler": sampler,
         "steps": steps,
+        "timed_steps": timed_steps,
+        "extrapolated": timed_steps != steps,
         "cfg_scale": cfg,
         "images": args.images,
         "repeats": args.repeats,
@@ -90,7 +103,7 @@ def bench_one(model, codec, sampler: str, steps: int, cfg: float, args, device: 
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="MDTv2-Tiny/2")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -99,14 +112,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions (best and median reported)")
     parser.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none")
     parser.add_argument("--decode", default=None, help="also decode with this codec (e.g. ema, tiny-random)")
+    parser.add_argument("--time-steps", type=int, default=0, help="time this many steps, extrapolate (0: all)")
+    parser.add_argument("--no-tf32", action="store_true", help="on CUDA: keep fp32 matmuls exact")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if device.type == "cuda":  # set once for the whole sampling process
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not args.no_tf32
     torch.manual_seed(0)
-    model = build_model(args.preset).to(device).eval()
+    model = build_model(args.preset, device=device).eval()  # built in place: XL/2 inits slowly on a CPU
     codec = None
     if args.decode:
         from mdt_ds.models.codec import load_codec
@@ -120,6 +135,8 @@ def main() -> None:
         "autocast": args.autocast,
         "decode": args.decode,
         "device": str(device),
+        "tf32": bool(device.type == "cuda" and not args.no_tf32),
+        "weights": "random (speed only)",
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -129,6 +146,7 @@ def main() -> None:
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
+    return report
 
 
 if __name__ == "__main__":

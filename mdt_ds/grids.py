@@ -14,50 +14,61 @@ from mdt_ds.models import build_model
 from mdt_ds.models.codec import PixelCodec, VAECodec, load_codec
 
 
-def codec_for_source(source: str, channels: int) -> PixelCodec | VAECodec:
+def codec_for_source(source: str, channels: int, device: torch.device | str | None = None) -> PixelCodec | VAECodec:
     """The codec that decodes this data source's latents, from its manifest (shard folders and
-    the embedded sets "mnist16", "mnist32", "tiny-latents" alike)."""
+    the embedded sets "mnist16", "mnist32", "tiny-latents" alike), on ``device`` (None: CPU)."""
     from mdt_ds.data.loader import resolve_source
     from mdt_ds.data.shards import manifest_layout, read_manifest
 
     codec = manifest_layout(read_manifest(resolve_source(source))).codec
     if codec.get("name", "pixel") == "pixel":
         return PixelCodec(channels)
-    return load_codec(codec.get("source") or codec.get("hub_id") or "mse")
+    return load_codec(codec.get("source") or codec.get("hub_id") or "mse", device=device or "cpu")
 
 
 @torch.no_grad()
 def sample_images(
     cfg: TrainConfig, state_dict: dict[str, torch.Tensor], per_class: int = 4, max_classes: int = 10,
-    steps: int = 25, cfg_scale: float | None = None,
+    steps: int = 25, cfg_scale: float | None = None, device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``per_class`` images for each of the first ``max_classes`` classes, class-major:
-    (images in [-1, 1] NCHW, labels). Image i uses seed ``image_seed(cfg.seed, i)``."""
-    from mdt_ds.sampling import generate, image_seed
+    (images in [-1, 1] NCHW on the CPU, labels). Image i uses seed ``image_seed(cfg.seed, i)``.
+    The model, the codec and the latents live on ``device`` (None: CPU); on CUDA with TF32 on.
+    The trainer passes its engine's device: sampling a grid on the CPU would keep rank 0 away
+    for minutes while the other ranks wait at a barrier."""
+    from mdt_ds.sampling import generate, image_seed, sampling_tf32
 
-    model = build_model(cfg.model)
+    device = torch.device(device or "cpu")
+    # The random init is overwritten at once; forking keeps rank 0's global generators (which
+    # the other ranks do not advance) untouched.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model = build_model(cfg.model, device=device)
     model.load_state_dict(state_dict, strict=True)
     model.eval()
     classes = min(cfg.model.num_classes, max_classes)
     labels = torch.arange(classes).repeat_interleave(per_class)
     seeds = [image_seed(cfg.seed, i) for i in range(len(labels))]
     scale = cfg_scale if cfg_scale is not None else max(cfg.diffusion.cfg_scale, 1.0)
-    codec = codec_for_source(cfg.data.source, cfg.model.in_channels)
-    latents = generate(
-        model, create_diffusion(f"ddim{steps}"), labels, seeds, cfg_scale=scale, cfg_pow=cfg.diffusion.cfg_pow,
-        guide_channels=cfg.diffusion.guide_channels, sampler="ddim", clip_denoised=isinstance(codec, PixelCodec),
-    )
-    return codec.decode(latents), labels
+    codec = codec_for_source(cfg.data.source, cfg.model.in_channels, device=device)
+    with sampling_tf32(device):
+        latents = generate(
+            model, create_diffusion(f"ddim{steps}"), labels, seeds, cfg_scale=scale, cfg_pow=cfg.diffusion.cfg_pow,
+            guide_channels=cfg.diffusion.guide_channels, sampler="ddim", clip_denoised=isinstance(codec, PixelCodec),
+            device=device,
+        )
+        images = codec.decode(latents)
+    return images.cpu(), labels
 
 
 def render_grid(cfg: TrainConfig, state_dict: dict[str, torch.Tensor], path: Path, per_class: int = 4,
-                **kwargs) -> np.ndarray:
-    """Sample (one row per class), save a PNG at ``path``, return the grid as uint8 HWC."""
+                device: torch.device | str | None = None, **kwargs) -> np.ndarray:
+    """Sample (one row per class) on ``device``, save a PNG at ``path``, return the grid as
+    uint8 HWC."""
     from PIL import Image
 
     from mdt_ds.sampling import save_grid, to_uint8
 
-    images, _ = sample_images(cfg, state_dict, per_class=per_class, **kwargs)
+    images, _ = sample_images(cfg, state_dict, per_class=per_class, device=device, **kwargs)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_grid(to_uint8(images), path, nrow=per_class)
     return np.asarray(Image.open(path).convert("RGB"))

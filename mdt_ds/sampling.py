@@ -25,6 +25,24 @@ LABEL_MODES = ("uniform", "balanced")
 ROUNDINGS = ("truncate", "round")
 
 
+@contextlib.contextmanager
+def sampling_tf32(device: torch.device | str | None) -> Iterator[bool]:
+    """TF32 matmuls and convolutions while sampling on CUDA (as the release's and DiT's samplers run), restored on
+    exit so the training step around a grid or an in-training FID keeps its own setting. A
+    no-op elsewhere: TF32 exists only on CUDA. Yields whether TF32 is on inside. The sampling
+    entries (training grids, in-training FID, benchmarks) use it; ``generate`` itself does not,
+    so the eval CLI's ``--no-tf32`` (a process-wide setting) still holds."""
+    if device is None or torch.device(device).type != "cuda":
+        yield False
+        return
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
 def image_seed(global_seed: int, index: int) -> int:
     """The seed of image ``index``'s noise generator."""
     return derive_seed(global_seed, int(index))

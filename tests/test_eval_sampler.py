@@ -270,3 +270,103 @@ def test_changed_settings_are_refused(tiny_ckpt, tmp_path, capsys) -> None:
     assert sample_cli.main(base + ["--max-batches", "0"]) == 0
     assert sample_cli.main(base + ["--seed", "6"]) == 2
     assert "other settings (seed)" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- grids and FID on the device
+def test_grid_model_codec_and_latents_on_the_given_device(monkeypatch, tmp_path) -> None:
+    """render_grid builds the model, loads the codec and samples on the device it is given (the
+    trainer passes its engine's device), not on the CPU by default."""
+    import mdt_ds.grids as grids
+    import mdt_ds.sampling as sampling
+    from mdt_ds.config import TrainConfig, apply_overrides
+    from mdt_ds.models.codec import VAECodec
+
+    seen: dict[str, object] = {}
+    build, load, gen, decode = grids.build_model, grids.load_codec, sampling.generate, VAECodec.decode
+
+    def spy_build(cfg, device=None, **kw):
+        seen["build"] = device
+        return build(cfg, device=device, **kw)
+
+    def spy_load(name, device="cpu", **kw):
+        seen["codec"] = device
+        return load(name, device=device, **kw)
+
+    def spy_generate(model, *args, device=None, **kw):
+        seen["generate"], seen["model"] = device, next(model.parameters()).device
+        return gen(model, *args, device=device, **kw)
+
+    def spy_decode(self, latents):
+        seen["latents"], seen["vae"] = latents.device, self.device
+        return decode(self, latents)
+
+    monkeypatch.setattr(grids, "build_model", spy_build)
+    monkeypatch.setattr(grids, "load_codec", spy_load)
+    monkeypatch.setattr(sampling, "generate", spy_generate)
+    monkeypatch.setattr(VAECodec, "decode", spy_decode)
+    cfg = apply_overrides(TrainConfig(), ["model.preset=MDTv2-Tiny/2", "data.source=tiny-latents"])
+    device = torch.device("cpu")
+    grid = grids.render_grid(cfg, tiny_model().state_dict(), tmp_path / "g.png", per_class=1, max_classes=2,
+                             steps=2, device=device)
+    assert grid.ndim == 3 and (tmp_path / "g.png").is_file()
+    assert seen == {"build": device, "codec": device, "generate": device, "model": device,
+                    "latents": device, "vae": device}
+
+
+def test_codecs_move_to_a_device() -> None:
+    from mdt_ds.models.codec import PixelCodec, load_codec
+
+    pixel = PixelCodec(1)
+    assert pixel.to("cpu") is pixel
+    vae = load_codec("tiny-random", device="meta")  # meta: proves the weights moved, allocates nothing
+    assert vae.device.type == "meta" and all(p.is_meta for p in vae.vae.parameters())
+    assert load_codec("tiny-random").to("meta").device.type == "meta"
+
+
+def test_sampling_tf32_only_on_cuda_and_restored() -> None:
+    from mdt_ds.sampling import sampling_tf32
+
+    flags = lambda: (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)  # noqa: E731
+    old = flags()
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with sampling_tf32(torch.device("cpu")) as on:
+            assert not on and flags() == (False, False)
+        with sampling_tf32(None) as on:
+            assert not on and flags() == (False, False)
+        with sampling_tf32("cuda:0") as on:  # the flags are process-wide: settable without a GPU
+            assert on and flags() == (True, True)
+        assert flags() == (False, False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def test_in_training_fid_decodes_on_the_device(monkeypatch) -> None:
+    """fid_for_model moves the codec to its device, samples there (TF32 scope entered for it) and
+    decodes the latents there."""
+    import mdt_ds.sampling as sampling
+    from mdt_ds.metrics import fid_for_model
+    from mdt_ds.metrics.inception import load_extractor
+    from mdt_ds.models.codec import VAECodec, load_codec
+
+    codec = load_codec("tiny-random")
+    seen: dict[str, list] = {"to": [], "decode": [], "tf32": [], "generate": []}
+    to, decode, tf32, gen = VAECodec.to, VAECodec.decode, sampling.sampling_tf32, sampling.generate
+    monkeypatch.setattr(VAECodec, "to", lambda self, d: (seen["to"].append(torch.device(d)), to(self, d))[1])
+    monkeypatch.setattr(VAECodec, "decode", lambda self, z: (seen["decode"].append(z.device), decode(self, z))[1])
+    monkeypatch.setattr(sampling, "sampling_tf32", lambda d: (seen["tf32"].append(torch.device(d)), tf32(d))[1])
+
+    def spy_generate(*args, device=None, **kw):
+        seen["generate"].append(device)
+        return gen(*args, device=device, **kw)
+
+    monkeypatch.setattr(sampling, "generate", spy_generate)
+    extractor = load_extractor("tiny-random")
+    dim = extractor(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))["pool"].shape[1]
+    ref = {"pool": (np.zeros(dim), np.eye(dim))}
+    device = torch.device("cpu")
+    options = sampling.SampleOptions(sampler="ddim", steps=2)
+    result = fid_for_model(tiny_model(), codec, ref, num_images=4, batch_size=4,
+                           options=options, extractor=extractor, device=device)
+    assert np.isfinite(result["fid"]) and result["num_images"] == 4
+    assert seen == {"to": [device], "decode": [device], "tf32": [device], "generate": [device]}

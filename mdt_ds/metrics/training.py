@@ -80,13 +80,18 @@ def fid_for_model(
     ``ref``. Collective: call it on every rank; every rank gets the same dict. ``options`` is a
     :class:`mdt_ds.sampling.SampleOptions` (default: DDPM-250 without guidance, uniform labels,
     truncation); ``inception`` a weights spec (see :mod:`mdt_ds.metrics.inception`);
-    ``fd_method="eigh"`` is the fast eigenvalue form (``"sqrtm"``: ADM's exact code)."""
+    ``fd_method="eigh"`` is the fast eigenvalue form (``"sqrtm"``: ADM's exact code). Sampling
+    and decoding run on ``device`` (default: the model's); the codec is moved there (in place),
+    and on CUDA sampling runs with TF32 on."""
     from mdt_ds.diffusion import create_diffusion
-    from mdt_ds.sampling import SampleOptions, iter_samples
+    from mdt_ds.sampling import SampleOptions, iter_samples, sampling_tf32
 
     start = time.time()
     options = options or SampleOptions()
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    # Decode where the latents are made: a CPU VAE would hold rank 0 (and every rank waiting on
+    # it) for minutes on a GPU run.
+    codec = codec.to(device) if hasattr(codec, "to") else codec
     extractor = extractor or cached_extractor(inception, device)
     ref_stats = reference_statistics(ref, extractor, device)
     diffusion = create_diffusion(options.respacing())
@@ -97,10 +102,11 @@ def fid_for_model(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=num_images, desc="fid samples", unit="img", dynamic_ncols=True)
-    for indices, images, _ in iter_samples(model, diffusion, codec, block, seed, options, batch_size, device):
-        acc.add(images)
-        if bar is not None:
-            bar.update(len(indices) * dist.world_size())
+    with sampling_tf32(device):  # the extractor switches TF32 off inside itself, as ADM's TF graph runs
+        for indices, images, _ in iter_samples(model, diffusion, codec, block, seed, options, batch_size, device):
+            acc.add(images)
+            if bar is not None:
+                bar.update(len(indices) * dist.world_size())
     if bar is not None:
         bar.close()
     stats = acc.finish().statistics()

@@ -33,6 +33,10 @@ class PixelCodec:
     def __init__(self, channels: int = 3):
         self.channels = channels
 
+    def to(self, device: str | torch.device) -> "PixelCodec":
+        """No weights to move: latents stay wherever the sampler made them."""
+        return self
+
     def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
         return images
 
@@ -94,6 +98,11 @@ class VAECodec:
     def device(self) -> torch.device:
         return next(self.vae.parameters()).device
 
+    def to(self, device: str | torch.device) -> "VAECodec":
+        """Move the VAE (in place, like ``nn.Module.to``) so decode runs where the latents are."""
+        self.vae.to(device)
+        return self
+
     @torch.no_grad()
     def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
         dist = self.vae.encode(images.to(self.device, self.vae.dtype)).latent_dist
@@ -102,6 +111,7 @@ class VAECodec:
     @torch.no_grad()
     def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         mean, logvar = self.encode_moments(images).chunk(2, dim=1)
+        # Drawn on the generator's device (CPU by default) so a seeded draw is device-independent.
         eps = torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
         return (mean + torch.exp(0.5 * logvar) * eps) * self.scale_factor
 
@@ -133,7 +143,7 @@ def load_codec(name: str, device: str | torch.device = "cpu", channels: int = 3)
     if name == "pixel":
         return PixelCodec(channels)
     if name == "tiny-random":
-        return VAECodec.from_config(TINY_VAE_CONFIG, source="tiny-random")
+        return VAECodec.from_config(TINY_VAE_CONFIG, source="tiny-random").to(device)
     if Path(name).is_dir() or name in SD_VAE_IDS or "/" in name:
         return VAECodec.from_pretrained(name, device)
     raise CodecError(f"unknown codec {name!r}: use 'pixel', 'mse', 'ema', 'tiny-random', a hub id or a directory")

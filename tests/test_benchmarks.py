@@ -1,0 +1,117 @@
+"""The benchmarks' CPU-runnable parts: device_check.py's argument parsing, part selection,
+failure isolation and its part (a) logic in --quick CPU mode; train_step.py --quick JSON; the
+sampler benchmark's step extrapolation."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import PYTHON, REPO, subprocess_env
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def device_check():
+    return load("device_check")
+
+
+def test_device_check_parts_and_out(device_check, monkeypatch) -> None:
+    args = device_check.parse_args(["--parts", "d,a", "--device", "cpu"])
+    assert args.parts == ["a", "d"] and args.device == "cpu"  # fixed order: correctness first
+    monkeypatch.setenv("OUT", "/tmp/somewhere")
+    assert device_check.parse_args([]).out == Path("/tmp/somewhere") and device_check.parse_args([]).parts == list("abcd")
+    monkeypatch.delenv("OUT")
+    assert device_check.parse_args([]).out == Path("device_out")
+    with pytest.raises(SystemExit):
+        device_check.parse_args(["--parts", "a,x"])
+
+
+def test_device_check_isolates_failures_and_time_limits(device_check, monkeypatch, tmp_path) -> None:
+    def boom(*_):
+        raise RuntimeError("planted")
+
+    def slow(*_):
+        time.sleep(5)
+        return {}
+
+    monkeypatch.setattr(device_check, "part_b", boom)
+    monkeypatch.setattr(device_check, "part_c", slow)
+    monkeypatch.setattr(device_check, "part_d", lambda *_: {"value": 1})
+    monkeypatch.setitem(device_check.LIMITS_S, "c", 0.3)
+    start = time.monotonic()
+    summary = device_check.main(["--parts", "b,c,d", "--device", "cpu", "--out", str(tmp_path)])
+    assert time.monotonic() - start < 4
+    assert "planted" in json.loads((tmp_path / "part_b.json").read_text())["error"]
+    assert "limit" in json.loads((tmp_path / "part_c.json").read_text())["error"]
+    assert json.loads((tmp_path / "part_d.json").read_text())["value"] == 1
+    assert summary["parts"] == ["b", "c", "d"] and (tmp_path / "summary.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["part_b.json", "part_c.json", "part_d.json", "summary.json"]
+
+
+def test_device_check_part_a_quick_on_cpu(device_check, tmp_path) -> None:
+    device_check.main(["--parts", "a", "--device", "cpu", "--quick", "--out", str(tmp_path)])
+    a = json.loads((tmp_path / "part_a.json").read_text())
+    assert a["cuda_vs_cpu"]["skipped"] and "CUDA" in a["cuda_vs_cpu"]["reason"]
+    bf16 = a["bf16_vs_fp32"]
+    assert bf16["ok"] and 0 < bf16["rel_err"] <= bf16["tol"] == device_check.TOL["bf16_vs_fp32"]
+    assert a["flex_vs_sdpa"]["skipped"] and a["train_resume"]["skipped"]
+
+
+def test_device_check_helpers(device_check) -> None:
+    ref = torch.ones(4)
+    assert device_check.rel_err(ref * 1.01, ref) == pytest.approx(0.01)
+    assert device_check.rel_err(torch.full((4,), float("nan")), ref) == float("inf")
+    assert not device_check.check(0.2, 0.1)["ok"] and device_check.check(0.05, 0.1)["ok"]
+    assert device_check.losses_by_step([{"step": 3, "loss": 0.5}, {"step": 4}]) == {3: 0.5}
+
+
+def test_train_step_quick_json(tmp_path) -> None:
+    """--quick (Tiny preset, 1 step) reports every field the issue names, side by side."""
+    fake = tmp_path / "release" / "masked_diffusion"  # a stand-in checkout: tests the import path
+    fake.mkdir(parents=True)
+    (fake / "models.py").write_text(
+        "from mdt_ds.models import build_model\n\n\ndef MDTv2(**kw):\n    return build_model('MDTv2-Tiny/2')\n"
+    )
+    out = tmp_path / "quick.json"
+    cmd = [PYTHON, "benchmarks/train_step.py", "--quick", "--profile", "--release-src", str(fake.parent),
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["quick"] and r["preset"] == "MDTv2-Tiny/2"
+    assert set(r["variants"]) == {"eager", "flex", "explicit", "release-like"}
+    eager = r["variants"]["eager"]
+    assert eager["step_time_s"] > 0 and eager["images_per_s"] > 0 and eager["peak_memory_gb"] > 0
+    assert set(eager["phases_s"]) == {"full_pass_s", "masked_pass_s", "backward_s", "optimizer_step_s", "ema_s"}
+    assert set(eager["host_syncs_per_step"]) == {"ours", "deepspeed_step", "ema"}
+    assert 0 < eager["mfu_spec"] < 1 and 0 < eager["mfu_measured"] < 1
+    assert r["variants"]["release-like"]["attention"] == "explicit" and r["variants"]["release-like"]["precision"] == "fp32"
+    assert r["variants"]["flex"]["train_step"] == "unavailable" and "CPU" in r["variants"]["flex"]["reason"]
+    assert {"ours_vs_release_like", "eager_vs_explicit", "best_variant"} <= set(r["ratios"])
+    assert r["peaks"]["fp32"]["measured_flops"] > 0 and r["peaks"]["fp32"]["spec_source"]
+    profile = eager["profile"]
+    assert 0 < profile["matmul_share"] < 1 and profile["non_matmul_share"] == pytest.approx(1 - profile["matmul_share"])
+    assert r["release"]["release_over_ours"] > 0 and r["release"]["src"] == str(fake.parent)
+
+
+def test_sampler_benchmark_extrapolates_steps(tmp_path) -> None:
+    sampler = load("sampler")
+    report = sampler.main(["--images", "2", "--batch-size", "2", "--configs", "ddpm250:2", "--time-steps", "2",
+                           "--repeats", "1", "--device", "cpu", "--out", str(tmp_path / "s.json")])
+    (result,) = report["results"]
+    assert result["steps"] == 250 and result["timed_steps"] == 2 and result["extrapolated"]
+    assert result["forward_passes_per_image"] == 500 and not report["tf32"]
+    assert json.loads((tmp_path / "s.json").read_text())["results"][0]["timed_steps"] == 2
