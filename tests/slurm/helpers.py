@@ -90,7 +90,7 @@ class Cluster:
         while self.squeue_state(job_id):
             if time.monotonic() > deadline:
                 self.run("scancel", job_id, check=False)
-                tail = log.read_text()[-3000:] if log and log.exists() else ""
+                tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
                 raise AssertionError(f"job {job_id} still queued/running after {timeout:.0f} s; cancelled.\n{tail}")
             time.sleep(1)
 

@@ -69,7 +69,7 @@ def test_cancelled_sbatch_job_is_not_requeued(slurm_cluster: Cluster, tmp_path: 
     assert states == ["CANCELLED"], states
     signals = read_jsonl(run_dir / "signals.jsonl")
     assert {s["signal"] for s in signals} == {"SIGTERM"}  # the ranks got SIGTERM and stopped cleanly
-    assert "requeueing job" not in log.read_text()
+    assert "requeueing job" not in log.read_text(errors="replace")
 
 
 @pytest.mark.timeout(240)
@@ -94,7 +94,7 @@ def test_torchrun_and_deepspeed_launchers_pass_the_warning_to_workers(slurm_clus
     wait_for(signal_ready, 150, "4 workers of each launcher to start")
     for name, (job, run_dir, log) in jobs.items():
         slurm_cluster.wait_gone(job, timeout=120, log=log)
-        text = log.read_text()
+        text = log.read_text(errors="replace")
         launches = read_jsonl(run_dir / "launch.jsonl")
         assert sorted(r["rank"] for r in launches) == [0, 1, 2, 3], (name, launches)
         assert {r["world_size"] for r in launches} == {4} and {r["slurm_nodeid"] for r in launches} == {"0", "1"}

@@ -50,7 +50,7 @@ def test_sample_sbatch_two_nodes_write_one_npz(
         str(out),
     )
     slurm_cluster.wait_gone(job, timeout=120, log=log)
-    text = log.read_text()
+    text = log.read_text(errors="replace")
     assert "sampling ended with exit code 0" in text, text[-3000:]
     assert "on 2 ranks" in text, text[-3000:]
     with np.load(out) as npz:

@@ -67,7 +67,7 @@ def test_mdt_submit_preempted_job_requeues_resumes_and_returns(
     assert sorted(r["rank"] for r in again) == [0, 1], launches
     resumed = {r["start_step"] for r in again}
     assert len(resumed) == 1 and 0 < next(iter(resumed)) < STEPS, f"resumed at {resumed}"
-    assert "requeued (restart 1)" in Path(info["stdout"]).read_text()
+    assert "requeued (restart 1)" in Path(info["stdout"]).read_text(errors="replace")
     # Exact resume, and the submitit route trains exactly like the sbatch route.
     assert loss_curve(run_dir) == reference_run.losses
 

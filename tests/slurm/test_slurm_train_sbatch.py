@@ -35,7 +35,7 @@ def test_sbatch_two_nodes_train_and_checkpoint(reference_run: Reference) -> None
     assert all(math.isfinite(v) for v in losses.values()), losses
     ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
     assert f"step_{STEPS:07d}" in ckpts, ckpts
-    assert "training step ended with exit code 0" in reference_run.log.read_text()
+    assert "training step ended with exit code 0" in reference_run.log.read_text(errors="replace")
 
 
 @pytest.mark.timeout(JOB_TIMEOUT + 60)
@@ -49,7 +49,7 @@ def test_sbatch_warning_signal_checkpoints_requeues_and_resumes(
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", job)
     slurm_cluster.wait_gone(job, log=log)
     states = slurm_cluster.wait_sacct(job, lambda s: s[-1:] == ["COMPLETED"] or "FAILED" in s)
-    text = log.read_text()
+    text = log.read_text(errors="replace")
     assert states == ["REQUEUED", "COMPLETED"], f"{states}\n{text[-4000:]}"
 
     launches = read_jsonl(run_dir / "launch.jsonl")
