@@ -27,11 +27,18 @@ def accelerator_device() -> torch.device:
     return torch.device(get_accelerator().current_device_name())
 
 
-def prepare_model(cfg: TrainConfig, device: torch.device | None = None) -> MDTv2:
-    """Build the model (seeded from ``cfg.seed`` so every rank starts from the same weights),
-    apply activation checkpointing, then regional ``torch.compile`` (compiled blocks trace the
-    checkpointed forward), and move it to ``device`` (default: the accelerator's) before the
-    optimiser is built, so that the optimiser sees device parameters (fused AdamW on CUDA)."""
+def prepare_model(
+    cfg: TrainConfig, device: torch.device | None = None, init_state: dict[str, torch.Tensor] | None = None
+) -> MDTv2:
+    """Build the model (seeded from ``cfg.seed`` so every rank starts from the same weights) or
+    load ``init_state`` into it, apply activation checkpointing, then regional ``torch.compile``
+    (compiled blocks trace the checkpointed forward), and move it to ``device`` (default: the
+    accelerator's) before the optimiser is built, so that the optimiser sees device parameters
+    (fused AdamW on CUDA).
+
+    ``init_state`` must be loaded HERE, before ``deepspeed.initialize``: DeepSpeed clones its
+    fp32 master weights (which the EMA follows) at initialize, and its first ``step()`` copies
+    them over the module, so weights loaded into the engine's module afterwards are silently lost."""
     device = device or accelerator_device()
     if cfg.model.attention == "flex" and device.type == "cpu":
         raise ConfigError(
@@ -40,6 +47,8 @@ def prepare_model(cfg: TrainConfig, device: torch.device | None = None) -> MDTv2
         )
     torch.manual_seed(cfg.seed)
     model: MDTv2 = build_model(cfg.model)
+    if init_state is not None:
+        load_init_state(model, init_state, cfg.init_from)
     scope = checkpointing_scope(cfg.activation_checkpointing)
     wrapped = apply_activation_checkpointing(model, scope)
     if wrapped:
@@ -49,10 +58,36 @@ def prepare_model(cfg: TrainConfig, device: torch.device | None = None) -> MDTv2
     return model.to(device)
 
 
-def build_engine(cfg: TrainConfig, world_size: int, run_dir: Path | None = None) -> tuple[deepspeed.DeepSpeedEngine, dict]:
-    """:func:`prepare_model`, the optimiser and schedule, and the DeepSpeed engine around them."""
+def load_init_state(model: MDTv2, state: dict[str, torch.Tensor], source: str) -> None:
+    """``strict`` load of given weights, with the first mismatches named instead of torch's wall."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        detail = "; ".join(
+            part for part in (
+                f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+                f"{len(unexpected)} unexpected (e.g. {unexpected[0]})" if unexpected else "",
+                f"{len(shapes)} with other shapes (e.g. {shapes[0]}: file {tuple(state[shapes[0]].shape)}, "
+                f"model {tuple(own[shapes[0]].shape)})" if shapes else "",
+            ) if part
+        )
+        raise ConfigError(f"init_from={source} does not fit model {describe_model(model)}: {detail}")
+    model.load_state_dict(state, strict=True)
+
+
+def describe_model(model: MDTv2) -> str:
+    return f"(hidden {model.hidden_size}, {len(model.blocks())} blocks, input {model.input_size})"
+
+
+def build_engine(
+    cfg: TrainConfig, world_size: int, run_dir: Path | None = None, init_state: dict[str, torch.Tensor] | None = None
+) -> tuple[deepspeed.DeepSpeedEngine, dict]:
+    """:func:`prepare_model` (with ``init_state`` loaded before DeepSpeed clones its fp32 master),
+    the optimiser and schedule, and the DeepSpeed engine around them."""
     ds_config = deepspeed_config(cfg, world_size)
-    model = prepare_model(cfg)
+    model = prepare_model(cfg, init_state=init_state)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim)
     if run_dir is not None and torch.distributed.get_rank() == 0:

@@ -60,7 +60,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, env: dist.DistEnv, run_dir: Path, stop: StopFlag):
         self.cfg, self.env, self.run_dir, self.stop = cfg, env, run_dir, stop
         self.micro, self.accum = resolve_batch(cfg, env.world_size)
-        self.engine, _ = build_engine(cfg, env.world_size, run_dir)
+        self.engine, _ = build_engine(cfg, env.world_size, run_dir, init_state=self._init_state())
         self.device = self.engine.device
         self.dtype = PRECISION_DTYPES[cfg.precision]
         self.ema = ShardedEMA(self.engine, cfg.ema_decay, cfg.ema_warmup)
@@ -109,27 +109,26 @@ class Trainer:
         self.measured_peak_flops = measured
         return peak, source
 
+    def _init_state(self) -> dict[str, torch.Tensor] | None:
+        """The ``init_from`` weights for a NEW run (a resume ignores them: the checkpoint wins).
+        They go into the model before ``deepspeed.initialize`` (see engine.prepare_model), so the
+        fp32 master, the optimizer and the EMA all start from them, under every ZeRO stage."""
+        if not self.cfg.init_from or find_latest(self.run_dir) is not None:
+            return None
+        from mdt_ds.tools.convert_checkpoint import load_state_dict_file
+
+        return load_state_dict_file(self.cfg.init_from)
+
     def _resume_or_init(self) -> int:
         latest = find_latest(self.run_dir)
         if latest is None:
             if self.cfg.init_from:
-                self._load_init_weights()
+                log.info("initialised weights from %s (fp32 master and EMA start from them)", self.cfg.init_from)
             return 0
         check_resumable(latest, self.env.world_size, self.cfg.zero_stage)
         step = load_training_state(self.engine, self.ema, latest)
         log.info("resumed from %s at step %d", latest, step)
         return step
-
-    def _load_init_weights(self) -> None:
-        """A new run from given weights (e.g. converted from a run of another world size)."""
-        from mdt_ds.tools.convert_checkpoint import load_state_dict_file
-
-        state = load_state_dict_file(self.cfg.init_from)
-        if self.engine.zero_optimization_stage() == 3:
-            raise ValueError("init_from is not supported with zero_stage=3; start at stage 2, or convert first")
-        missing = self.engine.module.load_state_dict(state, strict=True)
-        log.info("initialised weights from %s (%s)", self.cfg.init_from, missing)
-        self.ema = ShardedEMA(self.engine, self.cfg.ema_decay, self.cfg.ema_warmup)
 
     def _build_loader(self, start_micro_step: int):
         from mdt_ds.data.loader import build_loader
