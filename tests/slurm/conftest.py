@@ -97,5 +97,5 @@ def reference_run(slurm_cluster: Cluster, shm_op: None, tmp_path_factory: pytest
     job_id, log = submit_train_sbatch(slurm_cluster, work, run_dir)
     slurm_cluster.wait_gone(job_id, log=log)
     states = slurm_cluster.wait_sacct(job_id, lambda s: bool(s) and s[-1] not in ("RUNNING", "PENDING"))
-    assert states == ["COMPLETED"], f"reference job {job_id}: {states}\n{log.read_text(errors="replace")[-3000:]}"
+    assert states == ["COMPLETED"], f"reference job {job_id}: {states}\n{log.read_text(errors='replace')[-3000:]}"
     return Reference(run_dir, job_id, log, loss_curve(run_dir))
