@@ -24,6 +24,7 @@ import argparse
 import gc
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -90,8 +91,12 @@ class Runner:
         self.engine, _ = build_engine(cfg, world)
         self.ema = ShardedEMA(self.engine)
         self.device, self.dtype = self.engine.device, PRECISION_DTYPES[cfg.precision]
-        self.diffusion = create_diffusion()
-        self.objective = MDTv2Loss(self.diffusion)
+        # As the trainer runs it: schedules on the device, a device generator and a host-drawn
+        # mask ratio per step (no host syncs of ours).
+        self.diffusion = create_diffusion().to(self.device)
+        self.objective = MDTv2Loss(self.diffusion, mask_ratio=cfg.model.mask_ratio)
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.host_rng = random.Random(seed)
         m = cfg.model
         gen = torch.Generator().manual_seed(seed)
         self.x = torch.randn(batch, m.in_channels, m.input_size, m.input_size, generator=gen).to(self.device)
@@ -103,7 +108,7 @@ class Runner:
 
     def step(self) -> None:
         """One training step as the trainer runs it: objective, backward, step, EMA."""
-        loss, _ = self.objective(self.model_fn, self.x, self.y)
+        loss, _ = self.objective(self.model_fn, self.x, self.y, self.generator, self.host_rng)
         self.engine.backward(loss)
         self.engine.step()
         self.ema.update(self.steps)
@@ -112,7 +117,7 @@ class Runner:
     def counted_step(self) -> dict[str, int]:
         """The same step with host syncs counted per part (a dispatch mode: not timed)."""
         with count_host_syncs() as ours:
-            loss, _ = self.objective(self.model_fn, self.x, self.y)
+            loss, _ = self.objective(self.model_fn, self.x, self.y, self.generator, self.host_rng)
             self.engine.backward(loss)
         with count_host_syncs() as ds:
             self.engine.step()
@@ -152,7 +157,7 @@ class Runner:
 
     def compiled_blocks(self) -> int:
         blocks = self.engine.module.blocks()
-        return sum(getattr(b, "_compiled_call_impl", None) is not None or hasattr(b, "_orig_mod") for b in blocks)
+        return sum(bool(getattr(b, "_mdt_compiled", False)) for b in blocks)  # marked by compile_blocks
 
 
 def time_variant(runner: Runner, args: argparse.Namespace) -> dict:
@@ -396,19 +401,25 @@ def release_comparison(args: argparse.Namespace, base: list[str], device: torch.
     from mdt_ds.models import build_model
 
     torch.manual_seed(0)
-    ours = build_model(m).to(device).train()
+    # eval(): no label-dropout draw (a negligible op), so both models draw exactly the mask ratio
+    # and then the token noise from the global generator, and a seed gives both the same K.
+    ours = build_model(m).to(device).eval()
+    explicit = build_model(m, attention="explicit").to(device).eval()
+    explicit.load_state_dict(ours.state_dict())
     release = load_release_class(args.release_src)(
         input_size=m.input_size, patch_size=m.patch_size, in_channels=m.in_channels, hidden_size=m.hidden_size,
         depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, class_dropout_prob=m.class_dropout_prob,
         num_classes=m.num_classes, learn_sigma=m.learn_sigma, mask_ratio=m.mask_ratio, decode_layer=m.decode_layer,
-    ).to(device).train()
+    ).to(device).eval()
+    models = {"ours": ours, "ours_explicit": explicit, "release": release}
     dtype = PRECISION_DTYPES[cfg.precision]
     n = args.batch
     x = torch.randn(n, m.in_channels, m.input_size, m.input_size, device=device)
     t = torch.randint(0, 1000, (n,), device=device)
     y = torch.randint(0, m.num_classes, (n,), device=device)
 
-    def one(model: torch.nn.Module) -> float:
+    def one(model: torch.nn.Module, rep: int) -> float:
+        torch.manual_seed(rep)
         sync(device)
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
@@ -418,17 +429,19 @@ def release_comparison(args: argparse.Namespace, base: list[str], device: torch.
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    one(ours), one(release)  # warm-up
-    times: dict[str, list[float]] = {"ours": [], "release": []}
-    for _ in range(args.release_reps):
-        times["ours"].append(one(ours))
-        times["release"].append(one(release))
+    for model in models.values():
+        one(model, 0)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for rep in range(args.release_reps):
+        for name, model in models.items():
+            times[name].append(one(model, rep + 1))
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
-        "what": "model-only step: full + masked pass, forward + backward, alternating, same process",
-        "precision": cfg.precision, "batch": n, "attention": cfg.model.attention, "src": str(args.release_src),
-        "ours_s": med["ours"], "release_s": med["release"], "release_over_ours": med["release"] / med["ours"],
-        "times_s": times,
+        "what": "model-only step: full + masked pass, forward + backward, alternating, same process, same K",
+        "precision": cfg.precision, "batch": n, "src": str(args.release_src),
+        "ours_s": med["ours"], "ours_explicit_s": med["ours_explicit"], "release_s": med["release"],
+        "release_over_ours": med["release"] / med["ours"],
+        "release_over_ours_explicit": med["release"] / med["ours_explicit"], "times_s": times,
     }
 
 
