@@ -97,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         dist.teardown()
     if result["preempted"]:
         return EXIT_PREEMPTED
+    if result.get("already_done"):
+        return 0
     return 0 if math.isfinite(result.get("loss", 0.0)) else 1
 
 

@@ -268,6 +268,15 @@ class Trainer:
 
     def run(self) -> dict:
         cfg = self.cfg
+        if self.step >= cfg.steps:
+            # A requeue or a "rerun to be safe" of a finished run: success, and nothing is
+            # rewritten (no checkpoint, grid or log line).
+            log.info("already at step %d (steps=%d): nothing to train; checkpoint %s", self.step, cfg.steps,
+                     self.last_ckpt or "none")
+            self.monitor.close()
+            return {"step": self.step, "preempted": False, "run_dir": str(self.run_dir), "loss": math.nan,
+                    "already_done": True, "zero_stage": self.engine.zero_optimization_stage(),
+                    "world_size": self.env.world_size}
         preempted = False
         self._window = (time.perf_counter(), 0)
         while self.step < cfg.steps:

@@ -152,6 +152,14 @@ def test_convert_checkpoint_and_init_from(scenarios: dict, tmp_path: Path) -> No
         assert set(ema) == set(weights)
         diff = max(float((ema[k].float() - weights[k].float()).abs().max()) for k in weights)
         assert diff <= tol, (stage, precision, diff)
+    # Rerunning the finished run (a requeue, a rerun to be safe) succeeds and rewrites nothing.
+    stats = (run / "stats.jsonl").read_bytes()
+    again = train_cli(run, "zero_stage=3", "precision=bf16", "steps=1", "optim.lr=0", "ckpt_every=0",
+                      f"init_from={out}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already at step 1 (steps=1): nothing to train" in again.stderr
+    assert (run / "stats.jsonl").read_bytes() == stats
+    assert sorted(p.name for p in (run / "snapshots").glob("ema_*.pt")) == ["ema_0000001.pt"]
 
 
 def test_signal_stops_at_step_boundary_and_resume_matches(tmp_path: Path) -> None:
