@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 PARTS = ("a", "b", "c", "d")
 # 320 s in all at most (device_check.sh stops everything at 330 s), so a failed first try leaves
 # device time for a second within the 15 minutes; typical runs end sooner.
-LIMITS_S = {"a": 120, "b": 130, "c": 45, "d": 25}
+LIMITS_S = {"a": 130, "b": 140, "c": 30, "d": 20}
 # Tolerances (relative L2 error ||out - ref|| / ||ref||), stated in the JSON beside each value.
 TOL = {"cuda_vs_cpu_fp32": 1e-4, "bf16_vs_fp32": 3e-2, "flex_vs_sdpa_fwd": 2e-3, "flex_vs_sdpa_grad": 1e-2,
        "resume_loss_rel": 1e-2}
@@ -140,7 +140,9 @@ def check_flex(device: torch.device, quick: bool) -> dict:
     """flex vs SDPA: forward (both passes) and, on CUDA, the parameter gradients."""
     if quick and device.type != "cuda":
         return skipped("--quick on CPU: flex compiles for tens of seconds; its CPU forward is tested in tests/")
-    sdpa, flex = tiny_model("sdpa").to(device), tiny_model("flex").to(device)
+    # eval(): no label-dropout draws, which would differ between the two models (their forwards
+    # draw from the global generator one after the other); gradients still flow.
+    sdpa, flex = tiny_model("sdpa").to(device).eval(), tiny_model("flex").to(device).eval()
     flex.load_state_dict(sdpa.state_dict())
     inputs = tiny_inputs()
     grad_ok = device.type == "cuda"  # FlexAttention has no backward on CPU (torch 2.14)
@@ -196,7 +198,7 @@ def check_resume(work: Path, device: torch.device, quick: bool, deadline: float)
     out: dict = {}
     for mode in ("deterministic", "normal"):
         det = mode == "deterministic"
-        left = lambda: max(10.0, deadline - time.monotonic())  # noqa: E731
+        left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731 - past the deadline: fail fast
         straight = train_run(work / f"{mode}_straight", 20, det, left())
         train_run(work / f"{mode}_resumed", 10, det, left())
         resumed = train_run(work / f"{mode}_resumed", 20, det, left())
@@ -233,7 +235,16 @@ def part_a(args: argparse.Namespace, device: torch.device, deadline: float) -> d
         "flex_vs_sdpa": lambda: check_flex(device, args.quick),
         "train_resume": lambda: check_resume(args.work / "runs", device, args.quick, deadline),
     }
-    return {name: guarded(fn) for name, fn in checks.items()}
+    out: dict = {}
+    for name, fn in checks.items():
+        if name in out:
+            continue
+        try:
+            out[name] = guarded(fn)
+        except PartTimeout as err:  # keep what finished; the rest would not fit either
+            out[name] = {"error": f"part (a) time limit reached during this check: {err}"}
+            out.update({rest: skipped("part (a) time limit reached") for rest in checks if rest not in out})
+    return out
 
 
 # --------------------------------------------------------------------------- parts (b)-(d)
@@ -270,8 +281,9 @@ def part_c(args: argparse.Namespace, device: torch.device, deadline: float) -> d
     preset = "MDTv2-Tiny/2" if args.quick else "MDTv2-XL/2"
     argv = ["--preset", preset, "--batch-size", "8", "--images", "8", "--configs", "ddpm250:4.0",
             "--repeats", "1" if args.quick else "2", "--device", str(device)]
-    if args.quick:
-        argv += ["--time-steps", "5"]
+    # Time a few steps and extrapolate to 250 (the JSON says so): a full 250-step run twice
+    # would not fit the part's limit.
+    argv += ["--time-steps", "5" if args.quick else "50"]
     out = {}
     for name, extra in (("fp32_tf32", []), ("bf16_autocast", ["--autocast", "bf16"])):
         left = deadline - time.monotonic()

@@ -108,7 +108,9 @@ def load_training_state(engine, ema, path: Path) -> int:
         raise ResumeError(f"DeepSpeed could not load {path}")
     # The shards hold this rank's fp32 slices; map them straight onto the device the run trains
     # on (not the device they were saved from, which may be another GPU index or absent).
-    device = ema.shadow[0].device if ema.shadow else torch.device("cpu")
+    # (Not shadow[0]'s device: a rank that owns no slice of the first parameter holds an empty CPU
+    # placeholder there.)
+    device = ema.engine.device
     shard = path / f"ema_rank{dist.rank():05d}.pt"
     ema.load_state_dict(torch.load(shard, map_location=device, weights_only=True))
     return int(client["step"])

@@ -77,7 +77,7 @@ class Adan(TimmAdan):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        if any(group["caution"] for group in self.param_groups):
+        if any(group.get("caution", False) for group in self.param_groups):  # timm < 1.0.12 has no caution
             return super().step(closure)
         loss = None
         if closure is not None:

@@ -75,14 +75,17 @@ def test_low_precision_params_without_masters_are_refused() -> None:
 
 
 def test_ema_shards_load_onto_the_runs_device(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Saved from one device, loaded where the shadow lives ("meta" stands in for another GPU).
+    # Saved from one device, loaded onto the engine's ("meta" stands in for a GPU). The first
+    # shadow is the empty CPU placeholder of a ZeRO-1/2 rank that owns no slice of parameter 0:
+    # its device is not the run's.
     monkeypatch.setattr("mdt_ds.checkpoint.dist.rank", lambda: 0)
-    torch.save({"decay": 0.9, "shadow": [torch.ones(3)]}, tmp_path / "ema_rank00000.pt")
+    torch.save({"decay": 0.9, "shadow": [torch.empty(0), torch.ones(3)]}, tmp_path / "ema_rank00000.pt")
     seen: dict = {}
-    ema = SimpleNamespace(shadow=[torch.empty(3, device="meta")], load_state_dict=seen.update)
+    ema = SimpleNamespace(shadow=[torch.empty(0), torch.empty(3, device="meta")], load_state_dict=seen.update,
+                          engine=SimpleNamespace(device=torch.device("meta")))
     engine = SimpleNamespace(load_checkpoint=lambda *a, **k: (str(tmp_path), {"step": 7}))
     assert load_training_state(engine, ema, tmp_path) == 7
-    assert seen["shadow"][0].device.type == "meta"
+    assert [t.device.type for t in seen["shadow"]] == ["meta", "meta"]
 
 
 def test_bf16_zero0_run_keeps_fp32_ema_of_the_master(tmp_path: Path) -> None:
