@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,13 +25,7 @@ from mdt_ds.metrics.evaluate import compute_activations  # noqa: E402
 from mdt_ds.metrics.inception import load_extractor  # noqa: E402
 from mdt_ds.metrics.precision_recall import precision_recall  # noqa: E402
 from mdt_ds.metrics.stats import frechet_distance  # noqa: E402
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-    return platform.processor() or platform.machine()
+from mdt_ds.monitor import device_name  # noqa: E402
 
 
 def timed(fn):
@@ -70,7 +62,7 @@ def main() -> None:
         "images": args.images,
         "image_size": args.image_size,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "device_name": device_name(device),
         "torch_threads": torch.get_num_threads(),
         "features": extractor.description,
         "load_seconds": round(load_s, 2),

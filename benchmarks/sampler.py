@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,19 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mdt_ds.diffusion import create_diffusion  # noqa: E402
 from mdt_ds.models import build_model  # noqa: E402
+from mdt_ds.monitor import device_name  # noqa: E402
 from mdt_ds.sampling import SampleOptions, generate, image_seed, sample_labels  # noqa: E402
 
 DEFAULT_CONFIGS = "ddim50:1,ddim50:1.5,ddpm250:1,ddpm250:1.5"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def parse_config(item: str) -> tuple[str, int, float]:
@@ -137,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": str(device),
         "tf32": bool(device.type == "cuda" and not args.no_tf32),
         "weights": "random (speed only)",
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "device_name": device_name(device),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "results": results,

@@ -42,7 +42,7 @@ from mdt_ds.diffusion.loss import MDTv2Loss  # noqa: E402
 from mdt_ds.ema import ShardedEMA  # noqa: E402
 from mdt_ds.engine import PRECISION_DTYPES, build_engine  # noqa: E402
 from mdt_ds.models.flops import count_params, train_macs_per_image  # noqa: E402
-from mdt_ds.monitor import measure_peak_flops, memory_gb  # noqa: E402
+from mdt_ds.monitor import device_name, measure_peak_flops, memory_gb  # noqa: E402
 from mdt_ds.syncs import count_host_syncs  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
@@ -369,7 +369,7 @@ def header(args: argparse.Namespace, env, device: torch.device, base: list[str])
         "activation_checkpointing": args.ac, "optim": args.optim, "overrides": base,
         "params": count_params(build_model(cfg.model, device="meta"))["all"],
         "steps": args.steps, "warmup": args.warmup, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "device_name": device_name(device),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "tf32_matmul": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
@@ -445,14 +445,6 @@ def release_comparison(args: argparse.Namespace, base: list[str], device: torch.
     }
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return "cpu"
 
 
 if __name__ == "__main__":

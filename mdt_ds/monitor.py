@@ -148,6 +148,20 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, 
     return flops, f"measured large-matmul peak ({label}, {str(dtype).removeprefix('torch.')})"
 
 
+def device_name(device: torch.device) -> str:
+    """What benchmarks record as the machine: the GPU's name, or the CPU model and core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import os
+    import platform
+
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    return platform.processor() or platform.machine()
+
+
 def memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30

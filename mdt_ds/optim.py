@@ -49,12 +49,7 @@ def _adan_multi_tensor(
     torch._foreach_addcmul_(n, neg_prev, neg_prev, value=(1 - b3) * (1 + b2) ** 2)  # n = b3 n + (1-b3) w^2
     # u = (m / bc1 + b2 v / bc2) / (sqrt(n) / bc3_sqrt + eps): multiply through by bc3_sqrt.
     denom = neg_prev
-    if few:
-        for src, dst in zip(n, denom):
-            torch.sqrt(src, out=dst)
-    else:
-        torch._foreach_copy_(denom, n)
-        torch._foreach_sqrt_(denom)
+    _apply_into(denom, n, torch.sqrt, torch._foreach_sqrt_, few)
     torch._foreach_add_(denom, eps * bc3_sqrt)
     if no_prox and weight_decay:
         torch._foreach_mul_(params, 1 - lr * weight_decay)
@@ -62,12 +57,18 @@ def _adan_multi_tensor(
     torch._foreach_addcdiv_(params, v, denom, value=-lr * b2 * bc3_sqrt / bc2)
     if not no_prox and weight_decay:
         torch._foreach_div_(params, 1 + lr * weight_decay)  # proximal: p = (p - lr u) / (1 + lr wd)
+    _apply_into(neg_prev, grads, torch.neg, torch._foreach_neg_, few)
+
+
+def _apply_into(dst: list[torch.Tensor], src: list[torch.Tensor], op, foreach_op_, few: bool) -> None:
+    """``dst[i] = op(src[i])`` with no allocation: per-tensor ``out=`` for a few (flat ZeRO)
+    tensors, else copy then the in-place multi-tensor op."""
     if few:
-        for src, dst in zip(grads, neg_prev):
-            torch.neg(src, out=dst)
+        for s, d in zip(src, dst):
+            op(s, out=d)
     else:
-        torch._foreach_copy_(neg_prev, grads)
-        torch._foreach_neg_(neg_prev)
+        torch._foreach_copy_(dst, src)
+        foreach_op_(dst)
 
 
 class Adan(TimmAdan):
