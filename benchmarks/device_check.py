@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -191,6 +192,36 @@ def losses_by_step(stats: list[dict]) -> dict[int, float]:
     return {int(s["step"]): float(s["loss"]) for s in stats if "loss" in s}
 
 
+def check_cuda_only_paths(device: torch.device) -> dict:
+    """What the suite skips on CPU: fused AdamW on CUDA parameters, and a training objective
+    step (device generator, float mask ratio) with no host sync and no device-to-host copy."""
+    if device.type != "cuda":
+        return skipped("needs CUDA: fused AdamW and device-to-host copies exist only there")
+    from mdt_ds.config import OptimConfig
+    from mdt_ds.diffusion import create_diffusion
+    from mdt_ds.diffusion.loss import MDTv2Loss
+    from mdt_ds.optim import build_optimizer
+    from mdt_ds.syncs import count_host_syncs
+
+    model = tiny_model().to(device).train()
+    opt = build_optimizer(model.parameters(), OptimConfig(name="adamw", betas=[0.9, 0.999]))
+    fused = bool(opt.param_groups[0].get("fused"))
+    objective = MDTv2Loss(create_diffusion().to(device), mask_ratio=0.3)
+    inputs = tiny_inputs()
+    x, y = inputs["x"].to(device), inputs["y"].to(device)
+    gen, host_rng = torch.Generator(device=device).manual_seed(0), random.Random(0)  # as the trainer draws
+    objective(model, x, y, gen, host_rng)  # warm-up (kernels, caches)
+    before = [p.detach().clone() for p in model.parameters()]
+    with count_host_syncs() as counter:
+        loss, _ = objective(model, x, y, gen, host_rng)
+        loss.backward()
+    opt.step()
+    moved = sum(not torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
+    return {"fused_adamw": fused, "params_updated": moved, "host_syncs": counter.count,
+            "copies_to_host": counter.copies_to_host,
+            "ok": fused and moved > 0 and counter.count == 0 and counter.copies_to_host == 0}
+
+
 def check_resume(work: Path, device: torch.device, quick: bool, deadline: float) -> dict:
     """20 steps straight vs 10 + resume to 20, deterministic and normal: losses and EMA."""
     if quick:
@@ -233,6 +264,7 @@ def part_a(args: argparse.Namespace, device: torch.device, deadline: float) -> d
         "cuda_vs_cpu": lambda: check_cuda_vs_cpu(device),
         "bf16_vs_fp32": lambda: check_bf16(device),
         "flex_vs_sdpa": lambda: check_flex(device, args.quick),
+        "cuda_only_paths": lambda: check_cuda_only_paths(device),
         "train_resume": lambda: check_resume(args.work / "runs", device, args.quick, deadline),
     }
     out: dict = {}

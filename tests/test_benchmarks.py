@@ -67,7 +67,7 @@ def test_device_check_part_a_quick_on_cpu(device_check, tmp_path) -> None:
     assert a["cuda_vs_cpu"]["skipped"] and "CUDA" in a["cuda_vs_cpu"]["reason"]
     bf16 = a["bf16_vs_fp32"]
     assert bf16["ok"] and 0 < bf16["rel_err"] <= bf16["tol"] == device_check.TOL["bf16_vs_fp32"]
-    assert a["flex_vs_sdpa"]["skipped"] and a["train_resume"]["skipped"]
+    assert a["flex_vs_sdpa"]["skipped"] and a["train_resume"]["skipped"] and a["cuda_only_paths"]["skipped"]
 
 
 def test_device_check_helpers(device_check) -> None:
