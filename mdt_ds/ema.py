@@ -80,6 +80,32 @@ class ShardedEMA:
             shadows, masters = zip(*pairs)
             torch._foreach_lerp_(list(shadows), [m.float() for m in masters], weight)
 
+    def fragments(self) -> list[tuple[str, int, torch.Tensor]]:
+        """(name, flat start, 1-D view of the shadow) per parameter slice this rank owns, in the
+        coordinates of the full flattened parameter: what the world-size-independent checkpoint
+        (mdt_ds/universal.py) writes and reads, so the EMA survives a change of layout. Writing
+        into a view writes the shadow. ZeRO-3: the local partition ``ds_tensor`` covers
+        ``[rank * partition_numel, ...)``, cut at ``ds_numel`` (the last rank's tail is padding,
+        deepspeed/runtime/zero/partition_parameters.py); ZeRO-1/2: ``_hp_mapping.lp_fragment_address``
+        (deepspeed/utils/tensor_fragment.py); ZeRO-0: the whole parameter."""
+        out = []
+        for (name, param), shadow in zip(self.named, self.shadow):
+            flat = shadow.view(-1)
+            if self.stage == 3:
+                part = param.ds_tensor.ds_numel
+                start = part * dist.get_rank(group=getattr(param, "ds_process_group", None))
+                numel = max(0, min(part, param.ds_numel - start))
+            elif hasattr(param, "_hp_mapping"):
+                mapping = param._hp_mapping
+                if mapping is None:
+                    continue
+                start, numel = mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+            else:
+                start, numel = 0, flat.numel()
+            if numel:
+                out.append((name, start, flat[:numel]))
+        return out
+
     # ---------------------------------------------------------------- save / resume
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": [s.clone() for s in self.shadow]}
