@@ -34,6 +34,7 @@ setup(
     entry_points={
         "console_scripts": [
             "mdt-train=mdt_ds.train:main",
+            "mdt-launch=mdt_ds.supervise:main",
             "mdt-extract-latents=mdt_ds.tools.extract_latents:main",
             "mdt-submit=mdt_ds.launch:main",
             "mdt-sample=mdt_ds.tools.sample:main",

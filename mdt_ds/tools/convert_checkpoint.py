@@ -27,7 +27,9 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from mdt_ds.safe_load import safe_torch_load
+
+    state = safe_torch_load(path, map_location="cpu")
     for key in ("ema", "model", "state_dict", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -35,9 +37,15 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def consolidate(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights from the ZeRO shards of ``checkpoint`` (DeepSpeed's zero_to_fp32). Its
+    ``torch.load(weights_only=False)`` calls run weights-only here: a file holding pickled code
+    raises :class:`mdt_ds.safe_load.UnsafeCheckpointError` naming it, and nothing in it runs."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    from mdt_ds.safe_load import deepspeed_weights_only
+
+    with deepspeed_weights_only():
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     return {k: v.float() for k, v in state.items()}
 
 
@@ -50,11 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.checkpoint / "meta.json").is_file():
         print(f"{args.checkpoint} is not a complete mdt-ds checkpoint (no meta.json)", file=sys.stderr)
         return 2
-    if args.ema:
-        step = args.checkpoint.name.split("_")[-1]
-        state = load_state_dict_file(args.checkpoint.parent.parent / "snapshots" / f"ema_{step}.pt")
-    else:
-        state = consolidate(args.checkpoint)
+    from mdt_ds.safe_load import UnsafeCheckpointError
+
+    try:
+        if args.ema:
+            step = args.checkpoint.name.split("_")[-1]
+            state = load_state_dict_file(args.checkpoint.parent.parent / "snapshots" / f"ema_{step}.pt")
+        else:
+            state = consolidate(args.checkpoint)
+    except UnsafeCheckpointError as err:
+        print(f"convert_checkpoint: {err}", file=sys.stderr)
+        return 2
     if args.output.suffix == ".safetensors":
         from safetensors.torch import save_file
 
