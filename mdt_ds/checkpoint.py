@@ -3,22 +3,27 @@
 Layout of a run directory::
 
     checkpoints/step_0005000/       DeepSpeed state (model, optimizer, LR schedule) + per-rank EMA
-                 meta.json           written last: step, world size; its presence = complete
+                 universal/          the same state in a world-size-independent form (elastic resume)
+                 meta.json           written last: step, layout, data position; its presence = complete
     snapshots/ema_0005000.pt         EMA weights, raw state_dict with the official key names
-    snapshots/ema_0005000.safetensors
     snapshots/config.json
 
-A checkpoint is written under ``step_XXXXXXX.tmp`` and renamed once every rank has finished,
-so a crash mid-save never leaves a directory that looks complete.
+Publishing order (a crash at any point leaves the previous checkpoint intact and used):
+every rank writes into ``step_XXXXXXX.tmp`` and fsyncs its files; the ranks agree that all
+writes succeeded; the EMA snapshot of that step is written (so a published checkpoint never
+lacks its snapshot); rank 0 writes ``meta.json``, fsyncs, renames the folder and prunes.
+Leftover ``.tmp`` folders of a crashed save are removed at the next start.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,14 +34,24 @@ from mdt_ds.config import TrainConfig, save_config
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
+SNAPSHOT = re.compile(r"^ema_(\d{7,})\.(pt|safetensors)$")
+GiB = 1024**3
 
 
 class ResumeError(RuntimeError):
     """A checkpoint cannot be resumed as asked; the message says why and what to do."""
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (disk full, I/O error); the previous one is intact."""
+
+
 def checkpoint_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
+
+
+def step_of(path: Path) -> int:
+    return int(STEP_DIR.match(path.name).group(1))
 
 
 def find_latest(run_dir: Path) -> Path | None:
@@ -45,65 +60,187 @@ def find_latest(run_dir: Path) -> Path | None:
     if not root.is_dir():
         return None
     done = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "meta.json").is_file()]
-    return max(done, key=lambda p: int(STEP_DIR.match(p.name).group(1)), default=None)
+    return max(done, key=step_of, default=None)
 
 
-def save_training_state(engine, ema, run_dir: Path, step: int, keep: int = 3) -> Path:
-    """Collective: every rank calls it. Returns the published checkpoint directory."""
+def agreed_latest(run_dir: Path) -> Path | None:
+    """Collective: rank 0's :func:`find_latest`, the same on every rank. Ranks that each read
+    the disk can disagree (a second job publishing meanwhile, a slow shared filesystem), and
+    then wait in different collectives until the timeout."""
+    latest = find_latest(run_dir) if dist.is_main() else None
+    name = dist.from_main(None if latest is None else latest.name)
+    return None if name is None else checkpoint_root(run_dir) / str(name)
+
+
+def remove_stale(run_dir: Path) -> list[str]:
+    """Rank 0, at start-up (under the run lock): ``.tmp`` leftovers of crashed saves."""
+    stale = [p for d in (checkpoint_root(run_dir), run_dir / "snapshots") if d.is_dir() for p in d.iterdir()
+             if p.name.endswith(".tmp")]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d unfinished file(s) of an interrupted save: %s", len(stale),
+                 ", ".join(p.name for p in stale))
+    return [p.name for p in stale]
+
+
+# --------------------------------------------------------------------------- disk
+def tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def free_bytes(path: Path) -> int:
+    path = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    return shutil.disk_usage(path).free
+
+
+def estimate_bytes(num_params: int, precision: str, optimizer: str) -> dict[str, int]:
+    """What one checkpoint and one snapshot take before the first one is measured: module
+    weights, fp32 master, optimizer moments (Adan 4, AdamW 2 per parameter) and EMA in DeepSpeed's
+    files and the EMA shards, and the fp32 master, moments and EMA again in the universal form."""
+    low = 4 if precision == "fp32" else 2
+    moments = 4 if optimizer == "adan" else 2
+    deepspeed_state = num_params * (low + 4 + 4 * moments + 4)
+    universal = num_params * 4 * (moments + 2)
+    return {"checkpoint": deepspeed_state + universal, "snapshot": num_params * 4}
+
+
+def check_free_space(run_dir: Path, need: int) -> None:
+    """Collective: refuse to start a save that cannot fit (on any rank's filesystem), before a
+    byte is written, so the previous checkpoint stays the latest and intact."""
+    free = free_bytes(checkpoint_root(run_dir))
+    short = free < need
+    if dist.any_rank(short):
+        where = f"{checkpoint_root(run_dir)} has {free / GiB:.2f} GiB free" if short else "another rank's disk is full"
+        raise CheckpointError(
+            f"not enough disk space for the next checkpoint: it needs about {need / GiB:.2f} GiB and {where}. "
+            f"Free space, or lower keep_ckpts / keep_snapshots; the last checkpoint is intact and resumable."
+        )
+
+
+def _describe_write_error(err: BaseException, where: Path) -> str:
+    nospace = isinstance(err, OSError) and err.errno == errno.ENOSPC
+    # torch.save's C++ writer reports a full disk as "basic_ios::clear" / "unexpected pos": ask the disk.
+    nospace = nospace or free_bytes(where) < 1 << 20
+    reason = "no space left on device" if nospace else f"{type(err).__name__}: {err}"
+    return f"writing the checkpoint under {where} failed ({reason}); the last checkpoint is intact and resumable"
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_own_files(tmp: Path, rank: int) -> None:
+    """fsync what this rank wrote (DeepSpeed names per-rank files ``*rank_{r}_*``/``rank{r:05d}``);
+    rank 0 also the shared files. A shared filesystem flushes a file from the client that wrote it."""
+    mine = re.compile(rf"(^|_)rank_?0*{rank}(_|\.)")
+    for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
+        if mine.search(path.name) or (rank == 0 and not re.search(r"rank_?\d", path.name)):
+            fsync_path(path)
+
+
+# --------------------------------------------------------------------------- save
+def save_training_state(
+    engine,
+    ema,
+    run_dir: Path,
+    step: int,
+    keep: int = 3,
+    meta: dict | None = None,
+    before_publish: Callable[[], None] | None = None,
+) -> Path:
+    """Collective: every rank calls it. Returns the published checkpoint directory. ``meta``
+    joins ``meta.json``; ``before_publish`` (every rank) runs once all writes have succeeded."""
+    from mdt_ds.universal import save_universal
+
     root = checkpoint_root(run_dir)
     tag = f"step_{step:07d}"
     tmp = root / f"{tag}.tmp"
     if dist.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    engine.save_checkpoint(str(root), tag=tmp.name, client_state={"step": step}, save_latest=False)
-    torch.save(ema.state_dict(), tmp / f"ema_rank{dist.rank():05d}.pt")
-    dist.barrier()
+    error: BaseException | None = None
+    try:
+        engine.save_checkpoint(str(root), tag=tmp.name, client_state={"step": step}, save_latest=False)
+        torch.save(ema.state_dict(), tmp / f"ema_rank{dist.rank():05d}.pt")
+        save_universal(engine, ema, tmp)
+        _fsync_own_files(tmp, dist.rank())
+    except (OSError, RuntimeError) as err:
+        error = err
+    if dist.any_rank(error is not None):
+        message = _describe_write_error(error, tmp) if error else "another rank failed to write its part (see its log)"
+        raise CheckpointError(message) from error
+    if before_publish is not None:
+        before_publish()
     final = root / tag
     if dist.is_main():
-        meta = {"step": step, "world_size": dist.world_size(), "zero_stage": engine.zero_optimization_stage()}
-        (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
+        record = {"step": step, "world_size": dist.world_size(), "zero_stage": engine.zero_optimization_stage(),
+                  "universal": True, **(meta or {})}
+        (tmp / "meta.json").write_text(json.dumps(record) + "\n")
+        fsync_path(tmp / "meta.json")
+        fsync_path(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        _prune(root, keep)
+        fsync_path(root)
+        prune(root, keep)
     dist.barrier()
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
-    done = sorted((p for p in root.iterdir() if STEP_DIR.match(p.name)), key=lambda p: p.name)
-    for old in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+def prune(root: Path, keep: int) -> list[str]:
+    """Delete all but the ``keep`` newest complete checkpoints (0: keep all)."""
+    done = sorted((p for p in root.iterdir() if STEP_DIR.match(p.name)), key=step_of)
+    old = done[:-keep] if keep > 0 else []
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return [p.name for p in old]
 
 
 def read_meta(path: Path) -> dict:
     return json.loads((path / "meta.json").read_text())
 
 
+def layout_changed(meta: dict, world_size: int, zero_stage: int) -> bool:
+    return meta["world_size"] != world_size or meta.get("zero_stage", zero_stage) != zero_stage
+
+
 def check_resumable(path: Path, world_size: int, zero_stage: int) -> dict:
-    """Refuse before any compute when the world size or ZeRO stage differs from the saved run."""
+    """A checkpoint of another layout (world size, ZeRO stage) resumes through its universal
+    form; one written before that form existed is refused before any compute, with the way out."""
     meta = read_meta(path)
-    if meta["world_size"] != world_size:
+    if layout_changed(meta, world_size, zero_stage) and not (path / "universal").is_dir():
         raise ResumeError(
-            f"{path} was written by {meta['world_size']} processes but this run has {world_size}. "
-            f"ZeRO shards optimizer state per rank, so resume with {meta['world_size']} processes. To move to a "
-            f"different size, start a new run from the weights: `python -m mdt_ds.tools.convert_checkpoint {path} "
-            f"OUT.pt` writes fp32 model weights (DeepSpeed's zero_to_fp32), then train with init_from=OUT.pt "
-            f"(optimizer state restarts)."
-        )
-    if meta.get("zero_stage", zero_stage) != zero_stage:
-        raise ResumeError(
-            f"{path} was written with ZeRO stage {meta['zero_stage']}, this run uses {zero_stage}: "
-            f"resume with zero_stage={meta['zero_stage']}"
+            f"{path} was written by {meta['world_size']} processes with ZeRO stage {meta.get('zero_stage')}, this "
+            f"run has {world_size} with stage {zero_stage}, and the checkpoint predates the world-size-independent "
+            f"form. Resume with the old layout, or start a new run from the weights: `python -m "
+            f"mdt_ds.tools.convert_checkpoint {path} OUT.pt` then init_from=OUT.pt (optimizer state restarts)."
         )
     return meta
 
 
 def load_training_state(engine, ema, path: Path) -> int:
-    """Collective: restore model, optimizer, LR schedule and EMA; returns the step to resume at."""
-    load_path, client = engine.load_checkpoint(
-        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
+    """Collective: restore model, optimizer, LR schedule and EMA; returns the step to resume at.
+    Same layout: DeepSpeed's own files (bit-exact); another layout: the universal form."""
+    from mdt_ds.safe_load import deepspeed_weights_only
+
+    meta = read_meta(path)
+    if layout_changed(meta, dist.world_size(), engine.zero_optimization_stage()):
+        from mdt_ds.universal import load_universal
+
+        summary = load_universal(engine, ema, path)
+        log.info("resumed %s in a new layout: %d processes ZeRO-%s -> %d processes ZeRO-%d (%s)", path.name,
+                 meta["world_size"], meta.get("zero_stage"), dist.world_size(), engine.zero_optimization_stage(),
+                 summary)
+        return int(meta["step"])
+    with deepspeed_weights_only():
+        load_path, client = engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     if load_path is None:
         raise ResumeError(f"DeepSpeed could not load {path}")
     # The shards hold this rank's fp32 slices; map them straight onto the device the run trains
@@ -116,18 +253,48 @@ def load_training_state(engine, ema, path: Path) -> int:
     return int(client["step"])
 
 
-def save_ema_snapshot(state_dict: dict[str, torch.Tensor], cfg: TrainConfig, run_dir: Path, step: int) -> Path:
-    """Rank 0 only: ``snapshots/ema_XXXXXXX.pt`` (a raw state_dict the official code loads) and a
-    ``.safetensors`` twin, with the run config beside them."""
+# --------------------------------------------------------------------------- snapshots
+def snapshot_suffixes(fmt: str) -> tuple[str, ...]:
+    return {"pt": (".pt",), "safetensors": (".safetensors",), "both": (".pt", ".safetensors")}[fmt]
+
+
+def save_ema_snapshot(
+    state_dict: dict[str, torch.Tensor], cfg: TrainConfig, run_dir: Path, step: int
+) -> Path:
+    """Rank 0 only: ``snapshots/ema_XXXXXXX.pt`` (a raw state_dict the official code loads)
+    and/or ``.safetensors`` (``snapshot_format``), the run config beside them; written under a
+    ``.tmp`` name, fsynced, renamed; then all but the ``keep_snapshots`` newest are deleted."""
     from safetensors.torch import save_file
 
     out = run_dir / "snapshots"
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"ema_{step:07d}.pt"
     state = {k: v.contiguous() for k, v in state_dict.items()}
-    torch.save(state, path.with_suffix(".pt.tmp"))
-    os.replace(path.with_suffix(".pt.tmp"), path)
-    save_file(state, str(path.with_suffix(".safetensors.tmp")), metadata={"step": str(step)})
-    os.replace(path.with_suffix(".safetensors.tmp"), path.with_suffix(".safetensors"))
+    paths = []
+    for suffix in snapshot_suffixes(cfg.snapshot_format):
+        path = out / f"ema_{step:07d}{suffix}"
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            if suffix == ".pt":
+                torch.save(state, tmp)
+            else:
+                save_file(state, str(tmp), metadata={"step": str(step)})
+            fsync_path(tmp)
+        except (OSError, RuntimeError) as err:
+            tmp.unlink(missing_ok=True)
+            raise CheckpointError(_describe_write_error(err, tmp).replace("checkpoint", "EMA snapshot")) from err
+        os.replace(tmp, path)
+        paths.append(path)
+    fsync_path(out)
     save_config(cfg, out / "config.json")
-    return path
+    prune_snapshots(out, cfg.keep_snapshots)
+    return paths[0]
+
+
+def prune_snapshots(out: Path, keep: int) -> list[str]:
+    """All but the ``keep`` newest snapshot steps (every format of a step goes together)."""
+    steps = sorted({int(m.group(1)) for p in out.iterdir() if (m := SNAPSHOT.match(p.name))})
+    old = set(steps[:-keep]) if keep > 0 else set()
+    removed = [p for p in out.iterdir() if (m := SNAPSHOT.match(p.name)) and int(m.group(1)) in old]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return sorted(p.name for p in removed)

@@ -144,6 +144,12 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 100
     ckpt_every: int = 5000
+    keep_ckpts: int = 3  # newest full checkpoints kept (resume state); 0: keep all
+    # EMA snapshots (small, for sampling): every snapshot_every steps (0: with every checkpoint)
+    # and at the end of the run; the newest keep_snapshots are kept (0: all); one format by default.
+    snapshot_every: int = 0
+    keep_snapshots: int = 10
+    snapshot_format: Literal["pt", "safetensors", "both"] = "pt"
     sample_every: int = 0  # 0: no sample grids during training
     max_bad_steps: int = 0  # NaN/inf steps skipped before the run stops
     # In-training FID of the EMA model (off by default): every fid_every steps, fid_images
@@ -166,6 +172,9 @@ class TrainConfig:
         checkpointing_scope(self.activation_checkpointing)
         if self.stop_check_every < 1:
             raise ConfigError(f"stop_check_every must be >= 1, got {self.stop_check_every}")
+        for name in ("keep_ckpts", "keep_snapshots", "snapshot_every", "ckpt_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 CHECKPOINTING_HELP = (

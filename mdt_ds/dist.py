@@ -132,6 +132,32 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def _collective_device() -> torch.device:
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` is true on any rank (every rank must call it; one tiny all-reduce)."""
+    if not torch.distributed.is_initialized() or world_size() == 1:
+        return bool(flag)
+    value = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def from_main(value: object) -> object:
+    """Rank 0's ``value`` on every rank (every rank must call it): decisions that must not
+    differ between ranks (which checkpoint to resume, whether the run directory is free) are
+    taken once, on rank 0, instead of by each rank reading a shared disk at its own moment."""
+    if not torch.distributed.is_initialized() or world_size() == 1:
+        return value
+    box = [value if is_main() else None]
+    torch.distributed.broadcast_object_list(box, src=0, device=_collective_device())
+    return box[0]
+
+
 def mean_across_ranks(values: Mapping[str, float | torch.Tensor]) -> dict[str, float]:
     """Average scalars over ranks in one float64 all-reduce (every rank must call it)."""
     keys = sorted(values)

@@ -21,8 +21,10 @@ log = logging.getLogger("mdt_ds.train")
 
 EXIT_PREEMPTED = 3
 # Keys that may change between a run and its resume (how long and how chatty, not what).
+# run_dir is where a run lives, not what it is: a moved run directory resumes.
 RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "sample_every", "force_resume", "max_bad_steps", "init_from",
-                     "time_budget_min", "fid_every", "fid_images", "fid_steps", "fid_inception"}
+                     "time_budget_min", "fid_every", "fid_images", "fid_steps", "fid_inception", "run_dir",
+                     "keep_ckpts", "snapshot_every", "keep_snapshots", "snapshot_format", "stop_check_every"}
 
 
 def setup_logging(rank: int) -> None:
@@ -33,25 +35,35 @@ def setup_logging(rank: int) -> None:
 
 
 def prepare_run_dir(cfg: TrainConfig) -> Path:
-    """Create run_dir and write config.json; refuse to continue a run of another config."""
+    """Create run_dir and write config.json; refuse (on every rank alike) to continue a run of
+    another config."""
     run_dir = Path(cfg.run_dir).resolve()
     if cfg.fid_every and not Path(cfg.fid_ref).is_file():
         raise ConfigError(f"fid_every={cfg.fid_every} needs fid_ref=REF.npz (a reference batch); {cfg.fid_ref!r} "
                           f"is not a file. Make one with `mdt-eval ref IMAGES REF.npz`.")
+    problem = None
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         saved = run_dir / "config.json"
-        if saved.is_file() and not cfg.force_resume:
-            old, new = json.loads(saved.read_text()), to_dict(cfg)
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
-            if changed:
-                raise ConfigError(
-                    f"{run_dir} holds a run with a different config (changed: {', '.join(changed)}). Use another "
-                    f"run_dir, or pass force_resume=true to continue it with the new config."
-                )
-        save_config(cfg, saved)
-    dist.barrier()
+        problem = None if cfg.force_resume else config_change(saved, cfg)
+        if problem is None:
+            save_config(cfg, saved)
+    problem = dist.from_main(problem)
+    if problem:
+        raise ConfigError(problem)
     return run_dir
+
+
+def config_change(saved: Path, cfg: TrainConfig) -> str | None:
+    """Why ``cfg`` may not continue the run saved in ``saved`` (None: it may)."""
+    if not saved.is_file():
+        return None
+    old, new = json.loads(saved.read_text()), to_dict(cfg)
+    changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    if not changed:
+        return None
+    return (f"{saved.parent} holds a run with a different config (changed: {', '.join(changed)}). Use another "
+            f"run_dir, or pass force_resume=true to continue it with the new config.")
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -59,12 +71,21 @@ def train(cfg: TrainConfig) -> dict:
     stopped for a preemption signal, the run directory and the last logged loss."""
     stop = StopFlag().install()  # first: a warning signal during imports/init must not kill the rank
     try:
+        from mdt_ds.checkpoint import remove_stale
+        from mdt_ds.rundir import lock_run_dir
         from mdt_ds.trainer import Trainer
 
         env = dist.init(argv=sys.argv, use_deepspeed=True)
         setup_logging(env.rank)
-        trainer = Trainer(cfg, env, prepare_run_dir(cfg), stop)
-        return trainer.run()
+        lock = lock_run_dir(Path(cfg.run_dir).resolve())
+        try:
+            run_dir = prepare_run_dir(cfg)
+            if dist.is_main():
+                remove_stale(run_dir)  # under the lock: no other job can be mid-save
+            trainer = Trainer(cfg, env, run_dir, stop)
+            return trainer.run()
+        finally:
+            lock.release()
     finally:
         stop.restore()
 
@@ -81,6 +102,28 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``mdt-train``: 0 done, 1 failed (non-finite loss), 2 config error or a checkpoint file
+    refused for holding pickled code, 3 preempted (a checkpoint was written; rerun to resume).
+    Under ``mdt-launch`` the code is also written to the supervisor's exit folder, since torchrun
+    reports any worker failure as 1 and the launchers kill the other ranks."""
+    from mdt_ds import preemption
+
+    previous = preemption.arm_early()  # before the heavy imports: a USR1 now must not kill the rank
+    preemption.register_worker()
+    if preemption.under_launcher():
+        preemption.watch_launcher()
+    code = 1  # an exception escapes: the launcher sees 1 too
+    try:
+        code = _main(argv)
+    finally:
+        preemption.report_exit(code)
+        preemption.disarm(previous)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
+    from mdt_ds.safe_load import UnsafeCheckpointError
+
     args, overrides = parse_args(argv)
     try:
         cfg = load_config(args.config, overrides)
@@ -92,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg)
     except ConfigError as err:
         print(f"mdt-train: config error: {err}", file=sys.stderr)
+        return 2
+    except UnsafeCheckpointError as err:  # a crafted/foreign file in run_dir: refused, nothing ran
+        print(f"mdt-train: {err}", file=sys.stderr)
         return 2
     finally:
         dist.teardown()

@@ -16,11 +16,17 @@ import torch
 
 from mdt_ds import dist
 from mdt_ds.checkpoint import (
+    GiB,
+    agreed_latest,
+    check_free_space,
     check_resumable,
-    find_latest,
+    estimate_bytes,
+    free_bytes,
     load_training_state,
     save_ema_snapshot,
     save_training_state,
+    snapshot_suffixes,
+    tree_bytes,
 )
 from mdt_ds.config import TrainConfig, resolve_batch
 from mdt_ds.diffusion import create_diffusion
@@ -60,6 +66,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, env: dist.DistEnv, run_dir: Path, stop: StopFlag):
         self.cfg, self.env, self.run_dir, self.stop = cfg, env, run_dir, stop
         self.micro, self.accum = resolve_batch(cfg, env.world_size)
+        self.latest = agreed_latest(run_dir)  # one decision, rank 0's, for every rank
         self.engine, _ = build_engine(cfg, env.world_size, run_dir, init_state=self._init_state())
         self.device = self.engine.device
         self.dtype = PRECISION_DTYPES[cfg.precision]
@@ -72,7 +79,8 @@ class Trainer:
         self.macs_per_image = train_macs_per_image(self.engine.module)
         self.peak_flops, self.peak_source = self._peak_flops()
         self.monitor = Monitor(run_dir, self.step, cfg.steps, dist.is_main(), summary_every=cfg.log_every * 10)
-        self.last_ckpt: Path | None = find_latest(run_dir)
+        self.last_ckpt: Path | None = self.latest
+        self.disk = self._plan_disk()
         self._reset_guards()
 
     def _reset_guards(self) -> None:
@@ -113,14 +121,14 @@ class Trainer:
         """The ``init_from`` weights for a NEW run (a resume ignores them: the checkpoint wins).
         They go into the model before ``deepspeed.initialize`` (see engine.prepare_model), so the
         fp32 master, the optimizer and the EMA all start from them, under every ZeRO stage."""
-        if not self.cfg.init_from or find_latest(self.run_dir) is not None:
+        if not self.cfg.init_from or self.latest is not None:
             return None
         from mdt_ds.tools.convert_checkpoint import load_state_dict_file
 
         return load_state_dict_file(self.cfg.init_from)
 
     def _resume_or_init(self) -> int:
-        latest = find_latest(self.run_dir)
+        latest = self.latest
         if latest is None:
             if self.cfg.init_from:
                 log.info("initialised weights from %s (fp32 master and EMA start from them)", self.cfg.init_from)
@@ -181,7 +189,8 @@ class Trainer:
     def _record_finiteness(self, loss: torch.Tensor, stacked: torch.Tensor) -> None:
         """Keep the first non-finite step and its terms on the device: no sync, no collective."""
         newly = ~torch.isfinite(loss.detach()) & (self._first_bad == NO_BAD_STEP)
-        self._first_bad = torch.where(newly, self.step, self._first_bad)
+        # Steps are numbered from 1, as in stats.jsonl: self.step counts the steps done before this one.
+        self._first_bad = torch.where(newly, self.step + 1, self._first_bad)
         self._bad_terms = stacked if self._bad_terms is None else torch.where(newly, stacked, self._bad_terms)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
@@ -192,8 +201,8 @@ class Trainer:
         self.bad_steps += 1
         detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
         if self.bad_steps > self.cfg.max_bad_steps or self.accum > 1:
-            raise self._diverged(self.step, detail)
-        log.warning("skipping non-finite step %d (%s); %d of %d allowed", self.step, detail, self.bad_steps,
+            raise self._diverged(self.step + 1, detail)
+        log.warning("skipping non-finite step %d (%s); %d of %d allowed", self.step + 1, detail, self.bad_steps,
                     self.cfg.max_bad_steps)
         return None
 
@@ -284,13 +293,18 @@ class Trainer:
             if stop:
                 preempted = stop == "signal"
                 break
+            snapshot_due = bool(self.snapshot_every) and self.step % self.snapshot_every == 0
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
-                self.save()
+                self.save(snapshot=snapshot_due)
+            elif snapshot_due and self.step < cfg.steps:
+                self.snapshot()
             if cfg.sample_every and self.step % cfg.sample_every == 0:
                 self.sample_grid()
             if cfg.fid_every and self.step % cfg.fid_every == 0:
                 self.evaluate_fid()
-        self.save()
+        # A preempted run resumes soon: its checkpoint carries the EMA, and an off-schedule
+        # snapshot would push a scheduled one out of keep_snapshots.
+        self.save(snapshot=not preempted)
         if not preempted and cfg.sample_every and self.step % cfg.sample_every:
             self.sample_grid()
         self.monitor.close()
@@ -333,16 +347,70 @@ class Trainer:
             self._ema_gathered = (self.step, self.ema.full_state_dict())
         return self._ema_gathered[1]
 
-    def save(self) -> None:
+    def _plan_disk(self) -> dict[str, int]:
+        """What a checkpoint and a snapshot take (measured on the latest checkpoint when there is
+        one, else estimated), logged at the start with what the kept ones add up to."""
+        cfg = self.cfg
+        num_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in self.engine.module.parameters())
+        sizes = estimate_bytes(num_params, cfg.precision, cfg.optim.name)
+        source = "estimated"
+        if self.latest is not None and dist.is_main():
+            sizes["checkpoint"], source = tree_bytes(self.latest), f"measured on {self.latest.name}"
+        kept = sizes["checkpoint"] * (cfg.keep_ckpts or max(1, cfg.steps // max(1, cfg.ckpt_every or cfg.steps)))
+        snaps = sizes["snapshot"] * len(snapshot_suffixes(cfg.snapshot_format))
+        kept_snaps = snaps * (cfg.keep_snapshots or max(1, cfg.steps // max(1, self.snapshot_every or cfg.steps)))
+        log.info(
+            "disk: each checkpoint %.3g GiB (%s), each EMA snapshot %.3g GiB; kept: %s checkpoints + %s snapshots = "
+            "%.3g GiB; %.3g GiB free under %s", sizes["checkpoint"] / GiB, source, snaps / GiB,
+            cfg.keep_ckpts or "all", cfg.keep_snapshots or "all", (kept + kept_snaps) / GiB,
+            free_bytes(self.run_dir) / GiB, self.run_dir,
+        )
+        return sizes
+
+    @property
+    def snapshot_every(self) -> int:
+        return self.cfg.snapshot_every or self.cfg.ckpt_every
+
+    def save(self, snapshot: bool = True) -> None:
+        """A checkpoint of this step (collective), and its EMA snapshot when one is due, written
+        BEFORE the checkpoint is published: a crash right after publishing never leaves a
+        checkpoint without its snapshot."""
         if self.last_ckpt is not None and self.last_ckpt.name == f"step_{self.step:07d}":
             return
         if not self.check_each_step and self._checked_step != self.step:
             self._reduce()  # never publish a checkpoint of a diverged run: raises if a step was bad
-        self.last_ckpt = save_training_state(self.engine, self.ema, self.run_dir, self.step)
+        check_free_space(self.run_dir, self.disk["checkpoint"] + (self.disk["snapshot"] if snapshot else 0))
+        state = self._gathered_ema() if snapshot else None  # collective: before the save's own collectives
+        written: list[str] = []
+
+        def write_snapshot() -> None:
+            if state is not None and dist.is_main():
+                written.append(save_ema_snapshot(state, self.cfg, self.run_dir, self.step).name)
+
+        self.last_ckpt = save_training_state(
+            self.engine, self.ema, self.run_dir, self.step, keep=self.cfg.keep_ckpts, before_publish=write_snapshot,
+            meta=self._checkpoint_meta(),
+        )
+        if dist.is_main():
+            self.disk["checkpoint"] = tree_bytes(self.last_ckpt)
+            self.monitor.text(f"step {self.step}: checkpoint {self.last_ckpt.name}"
+                              + (f", EMA snapshot {written[0]}" if written else ""))
+
+    def _checkpoint_meta(self) -> dict:
+        """What meta.json records besides step and layout: the batch split and the data position."""
+        return {"micro_batch": self.micro, "grad_accum": self.accum, "global_batch": self.cfg.global_batch}
+
+    def snapshot(self) -> None:
+        """An EMA snapshot on a step without a checkpoint (``snapshot_every`` apart from ``ckpt_every``)."""
         state = self._gathered_ema()
         if dist.is_main():
-            path = save_ema_snapshot(state, self.cfg, self.run_dir, self.step)
-            self.monitor.text(f"step {self.step}: checkpoint {self.last_ckpt.name}, EMA snapshot {path.name}")
+            check = free_bytes(self.run_dir) >= self.disk["snapshot"]
+            if not check:
+                log.warning("skipping the EMA snapshot of step %d: %.3g GiB free, it needs %.3g GiB", self.step,
+                            free_bytes(self.run_dir) / GiB, self.disk["snapshot"] / GiB)
+            else:
+                path = save_ema_snapshot(state, self.cfg, self.run_dir, self.step)
+                self.monitor.text(f"step {self.step}: EMA snapshot {path.name}")
         dist.barrier()
 
     def evaluate_fid(self) -> dict[str, float]:

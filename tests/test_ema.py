@@ -83,7 +83,9 @@ def test_ema_shards_load_onto_the_runs_device(tmp_path: Path, monkeypatch: pytes
     seen: dict = {}
     ema = SimpleNamespace(shadow=[torch.empty(0), torch.empty(3, device="meta")], load_state_dict=seen.update,
                           engine=SimpleNamespace(device=torch.device("meta")))
-    engine = SimpleNamespace(load_checkpoint=lambda *a, **k: (str(tmp_path), {"step": 7}))
+    engine = SimpleNamespace(load_checkpoint=lambda *a, **k: (str(tmp_path), {"step": 7}),
+                             zero_optimization_stage=lambda: 2)
+    (tmp_path / "meta.json").write_text('{"step": 7, "world_size": 1, "zero_stage": 2}')
     assert load_training_state(engine, ema, tmp_path) == 7
     assert [t.device.type for t in seen["shadow"]] == ["meta", "meta"]
 
