@@ -109,17 +109,14 @@ def test_compiled_blocks_match_eager_losses(scenarios: dict, stage: int) -> None
 
 
 def test_ema_snapshot_loads_strictly_into_plain_model(scenarios: dict) -> None:
-    from safetensors.torch import load_file
-
     from mdt_ds.config import ModelConfig
     from mdt_ds.models import build_model
 
     run = scenarios["work"] / "stage3_bf16"
     state = torch.load(run / "snapshots" / "ema_0000008.pt", weights_only=True)
-    twin = load_file(str(run / "snapshots" / "ema_0000008.safetensors"))
     model = build_model(ModelConfig.from_preset("MDTv2-Tiny/2", input_size=16, in_channels=1))
     model.load_state_dict(state, strict=True)
-    assert set(twin) == set(state) and all(torch.equal(twin[k], state[k]) for k in state)
+    assert not (run / "snapshots" / "ema_0000008.safetensors").exists()  # one format by default (snapshot_format)
     saved_cfg = json.loads((run / "snapshots" / "config.json").read_text())
     assert saved_cfg["model"]["in_channels"] == 1
 
