@@ -2,7 +2,8 @@
 
 Writes synthetic shards (random bf16 moments of image and flip, ``[2, 8, 32, 32]`` for 32x32x4
 latents, the shape of 256x256 ImageNet) once into a cache folder, then times the stream as the
-trainer uses it: resampled shards, shuffle buffer, batching, the vectorised posterior draw and flip.
+trainer uses it: resampled shards, per-sample crc32 and label checks, shuffle buffer, batching,
+the vectorised posterior draw and flip.
 Prints one JSON object. Target: >= 10,000 latents/s per process for 32x32x4 on the project's CPU.
 
     python benchmarks/loader.py --workers 0 1 2 --batch-size 256 --seconds 10
@@ -24,7 +25,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mdt_ds.data.loader import build_loader  # noqa: E402
-from mdt_ds.data.shards import MANIFEST, SampleLayout, build_manifest, write_manifest, write_shard  # noqa: E402
+from mdt_ds.data.shards import (  # noqa: E402
+    FORMAT_VERSION,
+    MANIFEST,
+    SampleLayout,
+    build_manifest,
+    write_manifest,
+    write_shard,
+)
 
 
 def make_shards(directory: Path, latent: int, channels: int, samples: int, per_shard: int) -> Path:
@@ -95,7 +103,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)  # one process of a multi-rank job: the trainer owns the other cores
     directory = make_shards(
-        Path(args.cache) / f"c{args.channels}-l{args.latent}-n{args.samples}",
+        Path(args.cache) / f"v{FORMAT_VERSION}-c{args.channels}-l{args.latent}-n{args.samples}",
         args.latent,
         args.channels,
         args.samples,

@@ -22,6 +22,13 @@ def test_embedded_set_has_5000_digits_in_10_classes(data_root: Path) -> None:
     directory = demo.ensure_mnist_shards(data_root, "mnist16")
     manifest = shards.read_manifest(directory)
     held = manifest["splits"]["heldout"]
+    assert directory.name == f"mnist16-v{shards.FORMAT_VERSION}"  # a new format version builds afresh
+    import tarfile
+
+    layout = shards.manifest_layout(manifest)
+    with tarfile.open(directory / manifest["shards"][0]["name"]) as tar:
+        payload = tar.extractfile(tar.next()).read()
+    assert shards.sample_problem(payload, layout, 10) is None and payload[:4] == shards.MAGIC  # crc written
     assert manifest["num_samples"] + held["num_samples"] == 5000 == manifest["source"]["total_samples"]
     assert manifest["num_classes"] == 10 and manifest["flip"] is False and manifest["layout"]["kind"] == "pixels"
     assert shards.verify_shards(directory) == []

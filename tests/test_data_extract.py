@@ -105,6 +105,29 @@ def test_single_process_manifest_counts_the_truncated_jpeg(single: Path) -> None
     assert shards.verify_shards(single) == []
 
 
+def test_extracted_samples_carry_checksums(
+    single: Path, folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    manifest = shards.read_manifest(single)
+    layout = shards.manifest_layout(manifest)
+    assert manifest["version"] == shards.FORMAT_VERSION
+    for entry in manifest["shards"]:
+        assert json.loads((single / entry["name"].replace(".tar", ".json")).read_text())["version"] == 2
+        with tarfile.open(single / entry["name"]) as tar:
+            for member in tar:
+                payload = tar.extractfile(member).read()
+                assert shards.HEADER.unpack_from(payload)[4] == shards.payload_crc(payload)
+                assert shards.sample_problem(payload, layout, manifest["num_classes"]) is None
+    # A rerun into a folder written by the previous format version is refused, not mixed.
+    old = tmp_path / "old"
+    shutil.copytree(single, old)
+    config = json.loads((old / "extract_config.json").read_text())
+    del config["format_version"]
+    (old / "extract_config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+    assert run_inprocess(["--input", str(folder), "--output", str(old), *COMMON]) == 2
+    assert "describes another extraction" in caplog.text
+
+
 def test_moments_are_the_vae_posterior_of_image_and_flip(single: Path, folder: Path) -> None:
     from mdt_ds.models.codec import load_codec
 

@@ -271,8 +271,16 @@ def test_pin_memory_reaches_the_dataloader(moments_dir: Path, monkeypatch: pytes
     monkeypatch.setattr(torch.Tensor, "pin_memory", fake_pin)
     for pin in (False, True):
         seen.clear(), pinned.clear()
-        loader = build_loader(moments_dir, batch_size=4, seed=0, rank=0, world_size=1, num_workers=workers,
-                              shuffle_buffer=8, pin_memory=pin)
+        loader = build_loader(
+            moments_dir,
+            batch_size=4,
+            seed=0,
+            rank=0,
+            world_size=1,
+            num_workers=workers,
+            shuffle_buffer=8,
+            pin_memory=pin,
+        )
         x, y = next(iter(loader))
         assert loader.pin_memory is pin
         if workers:

@@ -14,8 +14,22 @@ whose content is fixed by (seed, rank, N, lane, chunk):
 
 The posterior draw ``z = (mean + exp(logvar / 2) eps) * scale`` and the flip choice happen after
 batching, vectorised, with a generator seeded from (seed, rank, k). So ``start_step=k`` yields
-exactly batches k, k+1, ... of an uninterrupted stream with the same settings (both modes, unless
-``skip_corrupt`` dropped samples mid-stream). The stream depends on ``num_workers`` (0 and 1 agree).
+exactly batches k, k+1, ... of an uninterrupted stream with the same settings (both modes). The
+stream depends on ``num_workers`` (0 and 1 agree).
+
+Corruption: every sample's crc32 (header, array, key) and its label (``0 <= y < num_classes``) are
+checked as the shard is read, before any bytes reach the shuffle buffer. A bad sample raises a
+``SampleError`` naming the shard, the sample and the fix; with ``skip_corrupt`` it is logged
+(rate-limited), counted (:attr:`Loader.skipped_samples`) and its slot taken by the next sample. A
+split lane left short wraps around its own shards, so every lane still yields the epoch's batch
+count and ranks stay in step. Skipping breaks bit-exact replay only for the chunk (resampled
+segment or split epoch) that holds the bad sample.
+
+World-size changes (elastic resume): ``Loader.position(k)`` describes the stream after k
+micro-batches per rank; ``build_loader(start_step=k, resume_from=position)`` continues it. Resampled
+mode: the new layout's stream is its own deterministic stream from step k (``resume_from`` is
+not needed). Split mode: the new layout finishes the current epoch over the samples the old layout
+has not consumed, then runs its ordinary epochs; see :mod:`mdt_ds.data.position` for the bound.
 """
 
 from __future__ import annotations
@@ -30,16 +44,30 @@ from typing import Any
 import numpy as np
 import torch
 
+from mdt_ds.data.position import (
+    Plan,
+    epoch_batches,
+    epoch_lane_shards,
+    lane_seed,
+    make_plan,
+    position,
+    remainder_seed,
+    shuffled,
+)
 from mdt_ds.data.shards import (
     EXT,
     HEADER,
     MAGIC,
+    REEXTRACT_HINT,
+    LayoutError,
+    SampleError,
     SampleLayout,
     ShardError,
     check_payload,
     manifest_layout,
     pixels_to_float,
     read_manifest,
+    sample_problem,
     validate_shards,
 )
 from mdt_ds.dist import derive_seed
@@ -67,6 +95,7 @@ class StreamSpec:
     segment_batches: int
     skip_corrupt: bool
     with_index: bool
+    num_classes: int | None = None  # labels outside [0, num_classes) are corruption
 
 
 # --------------------------------------------------------------------------- raw samples
@@ -104,38 +133,75 @@ def read_tar_members(url: str) -> Iterator[tuple[str, bytes]]:
                 yield name, data
 
 
-def _shard_samples(url: str, skip_corrupt: bool) -> Iterator[dict[str, Any]]:
-    """Raw samples of one shard in webdataset's sample form (``__key__``, ``__url__``, extension);
-    a corrupt shard raises naming it, or is logged and cut short when ``skip_corrupt``."""
+class Skips:
+    """Counts the samples ``skip_corrupt`` dropped, per lane, in a shared-memory tensor: DataLoader
+    workers are other processes, and a plain counter there would never reach the main process."""
+
+    def __init__(self, lanes: int):
+        self.counts = torch.zeros(lanes, dtype=torch.int64).share_memory_()
+        self.lane = 0  # set in each worker (its own copy of this object) before reading
+
+    def add(self, url: str, key: str, problem: str) -> None:
+        self.counts[self.lane] += 1
+        n = _WARNED[0] = _WARNED[0] + 1
+        # Rate-limited: the first few in full, then one line per 100 (with the running total).
+        if n <= 5 or n % 100 == 0:
+            log.warning("skipping corrupt sample %s of shard %s (%s); %d skipped so far", key, url, problem, n)
+
+
+_WARNED = [0]  # bad samples met by this process (for the log's rate limit only)
+
+
+def _bad_sample(url: str, key: str, data: bytes, problem: str, spec: StreamSpec, skips: Skips | None) -> None:
+    if not spec.skip_corrupt:
+        source = data[HEADER.size + spec.layout.nbytes :].decode("utf-8", "replace")
+        raise SampleError(f"shard {url}, sample {key} (source key {source!r}): {problem}; {REEXTRACT_HINT}")
+    if skips is not None:
+        skips.add(url, key, problem)
+
+
+def _shard_samples(url: str, spec: StreamSpec, skips: Skips | None = None) -> Iterator[dict[str, Any]]:
+    """Raw samples of one shard in webdataset's sample form (``__key__``, ``__url__``, extension,
+    plus ``__ord__``, the member's ordinal in the shard). Each sample's crc and label are checked
+    here, before any bytes become tensors; a corrupt shard raises naming it, or is logged and cut
+    short when ``skip_corrupt``."""
     try:
-        for name, data in read_tar_members(url):
+        for ordinal, (name, data) in enumerate(read_tar_members(url)):
             key, ext = name.split(".", 1)
-            yield {"__key__": key, "__url__": url, ext: data}
-    except (ShardError, OSError, ValueError, UnicodeDecodeError) as err:
-        if not skip_corrupt:
-            raise ShardError(
-                f"shard {url} is corrupt or truncated ({err}); re-extract it "
-                "(mdt-extract-latents redoes missing shards) or set data.skip_corrupt=true"
-            ) from err
-        log.warning("skipping the rest of corrupt shard %s (%s)", url, err)
+            problem = sample_problem(data, spec.layout, spec.num_classes)
+            if problem is not None:
+                _bad_sample(url, key, data, problem, spec, skips)
+                continue
+            yield {"__key__": key, "__url__": url, "__ord__": ordinal, ext: data}
+    except ShardError as err:
+        if isinstance(err, (SampleError, LayoutError)):
+            raise
+        _bad_shard(url, err, spec.skip_corrupt)
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        _bad_shard(url, err, spec.skip_corrupt)
+
+
+def _bad_shard(url: str, err: Exception, skip_corrupt: bool) -> None:
+    if not skip_corrupt:
+        raise ShardError(
+            f"shard {url} is corrupt or truncated ({err}); re-extract it "
+            "(mdt-extract-latents redoes missing shards) or set data.skip_corrupt=true"
+        ) from err
+    log.warning("skipping the rest of corrupt shard %s (%s)", url, err)
 
 
 def _batches(samples: Iterable[dict[str, Any]], spec: StreamSpec, shuffle_seed: int) -> Iterator[list[dict]]:
-    """Seeded shuffle buffer, then full batches (a partial last batch is dropped)."""
-    import webdataset as wds
-
-    if spec.shuffle_buffer > 1:
-        rng = random.Random(shuffle_seed)
-        samples = wds.shuffle(spec.shuffle_buffer, spec.shuffle_buffer, rng=rng)(iter(samples))
+    """Seeded shuffle buffer (:func:`~mdt_ds.data.position.shuffled`), then full batches (a partial
+    last batch is dropped)."""
     batch: list[dict] = []
-    for sample in samples:
+    for sample in shuffled(samples, spec.shuffle_buffer, random.Random(shuffle_seed)):
         batch.append(sample)
         if len(batch) == spec.batch_size:
             yield batch
             batch = []
 
 
-def _resampled_chunk(spec: StreamSpec, lane: int, chunk: int) -> Iterator[list[dict]]:
+def _resampled_chunk(spec: StreamSpec, lane: int, chunk: int, skips: Skips | None) -> Iterator[list[dict]]:
     import webdataset as wds
 
     base = (spec.seed, spec.rank, spec.lanes, lane, chunk)
@@ -145,7 +211,7 @@ def _resampled_chunk(spec: StreamSpec, lane: int, chunk: int) -> Iterator[list[d
 
     def samples() -> Iterator[dict[str, Any]]:
         for entry in urls:
-            yield from _shard_samples(entry["url"], spec.skip_corrupt)
+            yield from _shard_samples(entry["url"], spec, skips)
 
     stream = _batches(samples(), spec, derive_seed(*base, "shuffle"))
     for _ in range(spec.segment_batches):
@@ -153,51 +219,83 @@ def _resampled_chunk(spec: StreamSpec, lane: int, chunk: int) -> Iterator[list[d
     stream.close()  # closes the open shard now rather than at garbage collection
 
 
-def _epoch_lane_shards(spec: StreamSpec, epoch: int) -> list[list[int]]:
-    """Shard indices of every (rank, lane) in this epoch: one permutation shared by all ranks,
-    then split by node and by worker as webdataset's split_by_node/split_by_worker do."""
-    order = list(range(len(spec.shards)))
-    random.Random(derive_seed(spec.seed, "epoch", epoch)).shuffle(order)
-    return [
-        order[r :: spec.world_size][lane :: spec.lanes] for r in range(spec.world_size) for lane in range(spec.lanes)
-    ]
+def _lane_samples(spec: StreamSpec, parts: list[tuple[int, Any]], skips: Skips | None) -> Iterator[dict[str, Any]]:
+    """Samples of ``(shard, wanted ordinals or None for all)`` in order. With ``skip_corrupt`` a lane
+    that lost samples wraps around its own parts, so it still fills the epoch's batch count (a few
+    samples of this chunk are then seen twice)."""
+    while True:
+        got = 0
+        for i, wanted in parts:
+            for sample in _shard_samples(spec.shards[i], spec, skips):
+                if wanted is None or sample["__ord__"] in wanted:
+                    got += 1
+                    yield sample
+        if not spec.skip_corrupt:
+            return
+        if got == 0:
+            raise ShardError(f"no readable sample left in shards {[spec.shards[i] for i, _ in parts]}")
 
 
-def _epoch_batches(spec: StreamSpec, epoch: int) -> int:
-    """Batches every lane yields in this epoch: the smallest lane's share, so ranks stay in step."""
-    return min(sum(spec.counts[i] for i in part) for part in _epoch_lane_shards(spec, epoch)) // spec.batch_size
-
-
-def _split_chunk(spec: StreamSpec, lane: int, epoch: int) -> Iterator[list[dict]]:
-    mine = _epoch_lane_shards(spec, epoch)[spec.rank * spec.lanes + lane]
-
-    def samples() -> Iterator[dict[str, Any]]:
-        for i in mine:
-            yield from _shard_samples(spec.shards[i], spec.skip_corrupt)
-
-    stream = _batches(samples(), spec, derive_seed(spec.seed, spec.rank, spec.lanes, lane, epoch, "shuffle"))
-    for _, batch in zip(range(_epoch_batches(spec, epoch)), stream):
+def _take(stream: Iterator[list[dict]], n: int) -> Iterator[list[dict]]:
+    for _, batch in zip(range(n), stream):
         yield batch
-    stream.close()
+    stream.close()  # type: ignore[attr-defined]
 
 
-def lane_raw_batches(spec: StreamSpec, lane: int, start: int) -> Iterator[tuple[int, list[dict]]]:
-    """``(j, raw batch)`` for this lane from its batch ``start`` on, forever. Fast-forward replays
-    the raw bytes of the current chunk only."""
+def _split_chunk(spec: StreamSpec, lane: int, epoch: int, skips: Skips | None) -> Iterator[list[dict]]:
+    mine = epoch_lane_shards(spec, epoch)[spec.rank * spec.lanes + lane]
+    samples = _lane_samples(spec, [(i, None) for i in mine], skips)
+    yield from _take(_batches(samples, spec, lane_seed(spec, spec.rank, lane, epoch)), epoch_batches(spec, epoch))
+
+
+def _remainder_chunk(spec: StreamSpec, plan: Plan, lane: int, skips: Skips | None) -> Iterator[list[dict]]:
+    """This lane's share of the rest of an epoch that another layout began (see data.position)."""
+    parts: dict[int, set[int]] = {}
+    for i, m in plan.blocks[lane]:
+        parts.setdefault(i, set()).add(m)
+    rem = plan.remainder
+    assert rem is not None
+    samples = _lane_samples(spec, list(parts.items()), skips)
+    seed = remainder_seed(spec, spec.rank, lane, rem["epoch"], rem["step"])
+    yield from _take(_batches(samples, spec, seed), rem["batches"])
+
+
+def lane_raw_batches(
+    spec: StreamSpec, lane: int, start: int, first_epoch: int = 0, skips: Skips | None = None
+) -> Iterator[tuple[int, list[dict]]]:
+    """``(j, raw batch)`` for this lane from its batch ``start`` on, forever (split epochs counted
+    from ``first_epoch``). Fast-forward replays the raw bytes of the current chunk only."""
     if spec.resampled:
         chunk, skip = divmod(start, spec.segment_batches)
     else:
-        chunk, skip = 0, start
-        while skip >= (n := _epoch_batches(spec, chunk)):
+        chunk, skip = first_epoch, start
+        while skip >= (n := epoch_batches(spec, chunk)):
             chunk, skip = chunk + 1, skip - n
     j = start
     while True:
         make = _resampled_chunk if spec.resampled else _split_chunk
-        for i, batch in enumerate(make(spec, lane, chunk)):
+        for i, batch in enumerate(make(spec, lane, chunk, skips)):
             if i >= skip:
                 yield j, batch
                 j += 1
         chunk, skip = chunk + 1, 0
+
+
+def step_raw_batches(spec: StreamSpec, plan: Plan, first: int, skips: Skips | None) -> Iterator[tuple[int, list[dict]]]:
+    """``(step, raw batch)`` for steps ``first, first + lanes, ...``: the plan's remainder steps (if
+    any), then ordinary lane batches counted from the plan's base step."""
+    lanes, step = spec.lanes, first
+    rem = plan.remainder
+    if rem is not None and step < plan.base_step:
+        lane, skip = (step - rem["step"]) % lanes, (step - rem["step"]) // lanes
+        for i, batch in enumerate(_remainder_chunk(spec, plan, lane, skips)):
+            if i >= skip:
+                yield step, batch
+                step += lanes
+    rel = step - plan.base_step
+    lane = rel % lanes
+    for j, batch in lane_raw_batches(spec, lane, rel // lanes, plan.base_epoch, skips):
+        yield plan.base_step + lane + lanes * j, batch
 
 
 # --------------------------------------------------------------------------- decoding
@@ -216,7 +314,9 @@ def decode_batch(
     index = np.empty(n, np.int64)
     for i, sample in enumerate(batch):
         payload = sample.get(EXT, b"")
-        magic, fp, label, key_len = HEADER.unpack_from(payload) if len(payload) >= HEADER.size else (b"", 0, 0, 0)
+        # The crc and label were checked as the shard was read (_shard_samples); this is the cheap
+        # guard for batches built by other code.
+        magic, fp, label, key_len, _ = HEADER.unpack_from(payload) if len(payload) >= HEADER.size else (b"", 0, 0, 0, 0)
         if magic != MAGIC or fp != fingerprint or len(payload) != HEADER.size + nbytes + key_len:
             check_payload(payload, layout, f"shard {sample.get('__url__')}, sample {sample.get('__key__')}")
         buf[i] = np.frombuffer(payload, np.uint8, width, offsets[i])
@@ -265,10 +365,12 @@ def batch_inputs(
 class ShardStream(torch.utils.data.IterableDataset):
     """Infinite stream of decoded batches starting at ``start_step`` (see the module docstring)."""
 
-    def __init__(self, spec: StreamSpec, start_step: int = 0):
+    def __init__(self, spec: StreamSpec, start_step: int = 0, plan: Plan | None = None):
         super().__init__()
         self.spec = spec
         self.start_step = start_step
+        self.plan = plan or Plan()
+        self.skips = Skips(spec.lanes)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         info = torch.utils.data.get_worker_info()
@@ -278,9 +380,9 @@ class ShardStream(torch.utils.data.IterableDataset):
             raise RuntimeError(f"stream built for {spec.lanes} lanes but run by {workers} workers")
         # The DataLoader asks worker 0 first: it serves step start_step, worker 1 the next, ...
         first = self.start_step + worker
-        lane = first % spec.lanes
-        for j, raw in lane_raw_batches(spec, lane, first // spec.lanes):
-            x, labels, index = batch_inputs(raw, spec, lane + spec.lanes * j)
+        self.skips.lane = first % spec.lanes
+        for step, raw in step_raw_batches(spec, self.plan, first, self.skips):
+            x, labels, index = batch_inputs(raw, spec, step)
             yield (x, labels, index) if spec.with_index else (x, labels)
 
 
@@ -302,6 +404,18 @@ class Loader:
     @property
     def num_classes(self) -> int:
         return int(self.manifest["num_classes"])
+
+    @property
+    def skipped_samples(self) -> int:
+        """Corrupt samples skipped so far by this rank's reading (all workers: the count lives in
+        shared memory). Workers read ahead of the trainer by the prefetch depth, and a resume's
+        fast-forward re-reads (and re-counts) the current chunk."""
+        return int(self.stream.skips.counts.sum())
+
+    def position(self, start_step: int) -> dict[str, Any]:
+        """Where this layout's stream is after ``start_step`` micro-batches per rank: a small JSON
+        dict for ``build_loader(resume_from=...)`` by a run with another world size (no data read)."""
+        return position(self.stream.spec, self.stream.plan, start_step)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         # Pinned (page-locked) batches are what make ``.to("cuda", non_blocking=True)`` overlap
@@ -352,9 +466,12 @@ def build_loader(
     segment_batches: int = 1000,
     with_index: bool = False,
     pin_memory: bool = False,
+    resume_from: dict[str, Any] | None = None,
 ) -> Loader:
     """Validate the shards (layout, sizes) and return the stream of ``(x, y)`` batches for this rank.
-    ``start_step`` counts batches of this loader (micro-batches); ``flip=None`` follows the manifest."""
+    ``start_step`` counts batches of this loader (micro-batches); ``flip=None`` follows the manifest.
+    ``resume_from``: a :meth:`Loader.position` saved by the run being resumed; None, or one of the
+    same layout, gives exactly the stream without it (see the module docstring)."""
     if batch_size < 1 or num_workers < 0 or not 0 <= rank < world_size:
         raise ValueError(
             f"bad loader arguments: batch_size={batch_size} num_workers={num_workers} "
@@ -385,7 +502,9 @@ def build_loader(
         segment_batches=max(1, segment_batches),
         skip_corrupt=skip_corrupt,
         with_index=with_index,
+        num_classes=int(manifest["num_classes"]),
     )
-    if not resampled and _epoch_batches(spec, 0) == 0:
+    if not resampled and epoch_batches(spec, 0) == 0:
         raise ShardError(f"{directory}: a rank's share of an epoch holds fewer than batch_size={batch_size} samples")
-    return Loader(ShardStream(spec, start_step), num_workers, manifest, directory, bad, pin_memory)
+    plan = make_plan(spec, start_step, resume_from)
+    return Loader(ShardStream(spec, start_step, plan), num_workers, manifest, directory, bad, pin_memory)

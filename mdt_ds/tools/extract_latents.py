@@ -4,7 +4,8 @@ Runs as one process, under torchrun or under srun (``mdt_ds.dist.launcher_env``)
 input item ``order[i]`` (a fixed seeded permutation, so every shard mixes classes); shard ``s``
 holds samples ``[s * P, (s + 1) * P)`` and belongs to rank ``s % world``. A shard's bytes depend
 only on its samples (encoding batches never cross a shard boundary), each shard is written
-atomically with a sidecar that marks it done, and a rerun skips finished shards. Rank 0 waits for
+atomically with a sidecar that marks it done, and a rerun skips finished shards. Every sample
+carries a crc32 (``shards.encode_sample``) that the training loader checks. Rank 0 waits for
 every sidecar and writes the manifest; no collective is needed, so no process group is created.
 """
 
@@ -25,6 +26,7 @@ import torch
 
 from mdt_ds.data.imagenet import ImageItems, InputError, Item, list_inputs
 from mdt_ds.data.shards import (
+    FORMAT_VERSION,
     SampleLayout,
     ShardError,
     ShardRecord,
@@ -296,9 +298,10 @@ def extract(args: argparse.Namespace) -> dict[str, Any]:
         "num_inputs": len(order),
         "order_seed": args.order_seed,
     }
-    check_run_config(
-        out, dict(source, limit=args.limit, samples_per_shard=args.samples_per_shard, fingerprint=layout.fingerprint)
-    )
+    # The format version is part of the run: a rerun into a folder of older shards (no per-sample
+    # checksums) must not mix them with new ones.
+    run = dict(source, limit=args.limit, samples_per_shard=args.samples_per_shard, fingerprint=layout.fingerprint)
+    check_run_config(out, dict(run, format_version=FORMAT_VERSION))
     names = [shard_name(args.prefix, s) for s in range(math.ceil(len(items) / args.samples_per_shard))]
     mine = [s for s in range(len(names)) if s % env.world_size == env.rank]
     todo = [s for s in mine if read_sidecar(out, names[s], layout) is None]
