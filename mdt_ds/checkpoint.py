@@ -174,6 +174,8 @@ def save_training_state(
         error = err
     if dist.any_rank(error is not None):
         message = _describe_write_error(error, tmp) if error else "another rank failed to write its part (see its log)"
+        if dist.is_main():  # every rank is done writing: give the partial folder's space back
+            shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(message) from error
     if before_publish is not None:
         before_publish()
@@ -223,6 +225,33 @@ def check_resumable(path: Path, world_size: int, zero_stage: int) -> dict:
     return meta
 
 
+def _own_files(folder: Path, rank: int) -> list[Path]:
+    """The files of ``folder`` this rank wrote (rank 0: also the shared ones); see _fsync_own_files."""
+    mine = re.compile(rf"(^|_)rank_?0*{rank}(_|\.)")
+    return [p for p in sorted(folder.rglob("*.pt")) if mine.search(p.name)
+            or (rank == 0 and not re.search(r"rank_?\d", p.name))]
+
+
+def _agree_files_are_safe(path: Path) -> None:
+    """Collective: each rank opens its own files weights-only (memory-mapped: the pickle is read,
+    the tensor bytes are not) before DeepSpeed's load. A refused or unreadable file on one rank
+    then stops every rank with the reason, instead of leaving the others waiting in the load's
+    collectives until the process-group timeout."""
+    from mdt_ds.safe_load import UnsafeCheckpointError, deepspeed_weights_only
+
+    error: Exception | None = None
+    try:
+        with deepspeed_weights_only():
+            for file in _own_files(path, dist.rank()):
+                torch.load(file, map_location="cpu", mmap=True)
+    except (UnsafeCheckpointError, OSError, RuntimeError) as err:
+        error = err
+    if dist.any_rank(error is not None):
+        if error is not None:
+            raise error
+        raise ResumeError(f"another rank refused its files of {path} (see its log)")
+
+
 def load_training_state(engine, ema, path: Path) -> int:
     """Collective: restore model, optimizer, LR schedule and EMA; returns the step to resume at.
     Same layout: DeepSpeed's own files (bit-exact); another layout: the universal form."""
@@ -237,6 +266,7 @@ def load_training_state(engine, ema, path: Path) -> int:
                  meta["world_size"], meta.get("zero_stage"), dist.world_size(), engine.zero_optimization_stage(),
                  summary)
         return int(meta["step"])
+    _agree_files_are_safe(path)
     with deepspeed_weights_only():
         load_path, client = engine.load_checkpoint(
             str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True

@@ -24,7 +24,20 @@ EXIT_PREEMPTED = 3
 # run_dir is where a run lives, not what it is: a moved run directory resumes.
 RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "sample_every", "force_resume", "max_bad_steps", "init_from",
                      "time_budget_min", "fid_every", "fid_images", "fid_steps", "fid_inception", "run_dir",
-                     "keep_ckpts", "snapshot_every", "keep_snapshots", "snapshot_format", "stop_check_every"}
+                     "keep_ckpts", "snapshot_every", "keep_snapshots", "snapshot_format", "stop_check_every",
+                     # how the same maths is laid out: a resume converts (universal form, data position)
+                     "zero_stage", "activation_checkpointing", "compile", "data.num_workers", "data.skip_corrupt"}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    """``{"data": {"num_workers": 2}}`` -> ``{"data.num_workers": 2}``: changes are named per key."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def setup_logging(rank: int) -> None:
@@ -58,7 +71,7 @@ def config_change(saved: Path, cfg: TrainConfig) -> str | None:
     """Why ``cfg`` may not continue the run saved in ``saved`` (None: it may)."""
     if not saved.is_file():
         return None
-    old, new = json.loads(saved.read_text()), to_dict(cfg)
+    old, new = _flat(json.loads(saved.read_text())), _flat(to_dict(cfg))
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
     if not changed:
         return None

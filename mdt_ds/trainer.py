@@ -71,11 +71,13 @@ class Trainer:
         self.device = self.engine.device
         self.dtype = PRECISION_DTYPES[cfg.precision]
         self.ema = ShardedEMA(self.engine, cfg.ema_decay, cfg.ema_warmup)
+        self.resume_meta: dict = {}  # the resumed checkpoint's meta.json
         self.step = self._resume_or_init()
         record_launch(run_dir, env, self.step)
         diffusion = create_diffusion(min_snr_gamma=cfg.diffusion.min_snr_gamma).to(self.device)
         self.objective = MDTv2Loss(diffusion, mask_ratio=cfg.model.mask_ratio)
-        self.batches = iter(self._build_loader(self.step * self.accum))
+        self.loader = self._build_loader(self.step * self.accum)
+        self.batches = iter(self.loader)
         self.macs_per_image = train_macs_per_image(self.engine.module)
         self.peak_flops, self.peak_source = self._peak_flops()
         self.monitor = Monitor(run_dir, self.step, cfg.steps, dist.is_main(), summary_every=cfg.log_every * 10)
@@ -133,7 +135,7 @@ class Trainer:
             if self.cfg.init_from:
                 log.info("initialised weights from %s (fp32 master and EMA start from them)", self.cfg.init_from)
             return 0
-        check_resumable(latest, self.env.world_size, self.cfg.zero_stage)
+        self.resume_meta = check_resumable(latest, self.env.world_size, self.cfg.zero_stage)
         step = load_training_state(self.engine, self.ema, latest)
         log.info("resumed from %s at step %d", latest, step)
         return step
@@ -142,14 +144,21 @@ class Trainer:
         from mdt_ds.data.loader import build_loader
 
         data = self.cfg.data
-        return build_loader(
+        # The data position the resumed checkpoint saved: in split (epoch) mode a new layout
+        # finishes the epoch over the samples the old one had not seen (mdt_ds.data.position).
+        saved = self.resume_meta.get("data_position")
+        loader = build_loader(
             data.source, batch_size=self.micro, seed=self.cfg.seed, rank=self.env.rank,
             world_size=self.env.world_size, num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer,
             resampled=data.resampled, start_step=start_micro_step, skip_corrupt=data.skip_corrupt,
             # Pinned batches make the non_blocking copy below asynchronous; on a CPU-only
             # machine pinning only warns, so only for CUDA.
-            pin_memory=self.device.type == "cuda",
+            pin_memory=self.device.type == "cuda", resume_from=saved,
         )
+        if saved is not None and saved["world_size"] != self.env.world_size:
+            log.info("data: continuing at global sample %d (saved by %d processes, now %d; %s mode)",
+                     saved["samples"], saved["world_size"], self.env.world_size, saved["mode"])
+        return loader
 
     # ---------------------------------------------------------------- one step
     def _model_fn(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -398,7 +407,12 @@ class Trainer:
 
     def _checkpoint_meta(self) -> dict:
         """What meta.json records besides step and layout: the batch split and the data position."""
-        return {"micro_batch": self.micro, "grad_accum": self.accum, "global_batch": self.cfg.global_batch}
+        # Collective (every rank builds the meta): the corrupt samples skip_corrupt dropped, all ranks.
+        skipped = round(dist.mean_across_ranks({"n": float(self.loader.skipped_samples)})["n"] * self.env.world_size)
+        if skipped:
+            log.warning("data: %d corrupt samples skipped so far (data.skip_corrupt; counted as read ahead)", skipped)
+        return {"micro_batch": self.micro, "grad_accum": self.accum, "global_batch": self.cfg.global_batch,
+                "data_position": self.loader.position(self.step * self.accum), "skipped_samples": skipped}
 
     def snapshot(self) -> None:
         """An EMA snapshot on a step without a checkpoint (``snapshot_every`` apart from ``ckpt_every``)."""

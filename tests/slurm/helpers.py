@@ -122,11 +122,12 @@ def submit_train_sbatch(
     *overrides: str,
     env: dict[str, str] | None = None,
     sbatch_args: tuple[str, ...] = (),
+    nodes: int = 2,
 ) -> tuple[str, Path]:
-    """slurm/train.sbatch on 2 nodes x 1 task (CPU): returns (job id, its log file)."""
+    """slurm/train.sbatch on ``nodes`` nodes x 1 task (CPU): returns (job id, its log file)."""
     log = workdir / "slurm-%j.out"
     job_id = cluster.sbatch(
-        "--nodes=2",
+        f"--nodes={nodes}",
         "--ntasks-per-node=1",
         "--gpus-per-node=0",
         "--cpus-per-task=1",

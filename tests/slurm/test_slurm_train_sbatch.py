@@ -1,10 +1,11 @@
 """slurm/train.sbatch with the real trainer on 2 nodes x 1 process (DeepSpeed ZeRO 2, CPU): it
 trains and checkpoints; interrupted by the warning signal it checkpoints, requeues itself, resumes
-and ends exactly where an uninterrupted run ends."""
+and ends exactly where an uninterrupted run ends. Resubmitted on 1 node, a 2-node run continues."""
 
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,25 @@ def test_sbatch_warning_signal_checkpoints_requeues_and_resumes(
 
     # Exact resume: same steps, same losses as the run that was never interrupted.
     assert loss_curve(run_dir) == reference_run.losses
+
+
+@pytest.mark.timeout(JOB_TIMEOUT + 60)
+def test_two_node_run_continues_on_one_node(slurm_cluster: Cluster, reference_run: Reference, tmp_path: Path) -> None:
+    """The 2-node run (24 steps, a checkpoint every 8) resubmitted with --nodes=1 and 4 more steps:
+    one process resumes its step-24 checkpoint through the universal form and trains on."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference_run.run_dir, run_dir)
+    job, log = submit_train_sbatch(slurm_cluster, tmp_path, run_dir, f"steps={STEPS + 4}", nodes=1)
+    slurm_cluster.wait_gone(job, log=log)
+    states = slurm_cluster.wait_sacct(job, lambda s: bool(s) and s[-1] not in ("RUNNING", "PENDING"))
+    text = log.read_text(errors="replace")
+    assert states == ["COMPLETED"], f"{states}\n{text[-4000:]}"
+    again = [r for r in read_jsonl(run_dir / "launch.jsonl") if r["start_step"] == STEPS]
+    assert [(r["rank"], r["world_size"]) for r in again] == [(0, 1)], again
+    assert "in a new layout: 2 processes ZeRO-2 -> 1 processes ZeRO-2" in text, text[-4000:]
+    losses = loss_curve(run_dir)
+    assert sorted(losses) == list(range(1, STEPS + 5))
+    assert {k: v for k, v in losses.items() if k <= STEPS} == reference_run.losses  # the 2-node part kept
+    late = [losses[k] for k in range(STEPS + 1, STEPS + 5)]
+    early = [losses[k] for k in range(1, 5)]
+    assert sum(late) / 4 < sum(early) / 4, (early, late)  # continued, not restarted from random weights
