@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -12,6 +13,29 @@ import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
+
+
+def drop_lines_after(stats: Path, step: int) -> int:
+    """On resume at ``step``: drop the lines of steps after it (trained by a run that died before
+    its next checkpoint and retrained now), as TensorBoard's ``purge_step`` does for its events.
+    Atomic (rewritten beside it, then renamed); returns how many lines were dropped."""
+    if not stats.is_file():
+        return 0
+    lines = stats.read_text().splitlines(keepends=True)
+    keep = [line for line in lines if _line_step(line) <= step]
+    if len(keep) == len(lines):
+        return 0
+    tmp = stats.with_name(stats.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, stats)
+    return len(lines) - len(keep)
+
+
+def _line_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a torn last line from a killed run: dropped with the lines after
 
 
 class Monitor:
@@ -27,6 +51,7 @@ class Monitor:
         from tqdm.auto import tqdm
 
         self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
+        drop_lines_after(run_dir / "stats.jsonl", start_step)
         self.stats = open(run_dir / "stats.jsonl", "a", buffering=1)
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         self.started = time.time()
@@ -104,6 +129,7 @@ _PEAKS: dict[str, tuple[float, float, float]] = {
     "H100 NVL": (835.0, 418.0, 60.0),
     "H200 NVL": (835.0, 418.0, 60.0),
 }
+PEAK_PARTS = (*_PEAKS, "H200")  # names the table answers to (H200 SXM reads as H100 SXM)
 
 
 def _part(name: str) -> str | None:
@@ -125,22 +151,33 @@ def tf32_enabled() -> bool:
     return torch.get_float32_matmul_precision() in ("high", "medium") or torch.backends.cuda.matmul.allow_tf32
 
 
+def table_peak_flops(name: str, kind: str) -> tuple[float, str] | None:
+    """Dense datasheet peak FLOP/s of a GPU named as ``torch.cuda.get_device_name()`` says or for
+    short ("H100", "A100", "H200 NVL"), and the table's part name; ``kind``: "bf16", "fp16",
+    "tf32" or "fp32" (no tensor cores). None: the part is not in the table."""
+    part = _part(name)
+    if part is None:
+        return None
+    half, tf32, fp32 = _PEAKS[part]
+    tflops = {"bf16": half, "fp16": half, "tf32": tf32, "fp32": fp32}[kind]
+    return tflops * 1e12, part
+
+
 def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     """(peak FLOP/s, where it comes from) for MFU: the dense datasheet peak of a known NVIDIA part
     in the training dtype (fp32: TF32 when TF32 is allowed), else a measured large matmul."""
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        part = _part(name)
-        if part is not None:
-            half, tf32, fp32 = _PEAKS[part]
-            if dtype in (torch.bfloat16, torch.float16):
-                tflops, kind = half, str(dtype).removeprefix("torch.")
-            elif tf32_enabled():
-                tflops, kind = tf32, "tf32"
-            else:
-                tflops, kind = fp32, "fp32 (TF32 off)"
-            return tflops * 1e12, f"{part} dense {kind} peak from NVIDIA's datasheet ({name})"
+        if dtype in (torch.bfloat16, torch.float16):
+            kind, label = "bf16" if dtype == torch.bfloat16 else "fp16", str(dtype).removeprefix("torch.")
+        elif tf32_enabled():
+            kind = label = "tf32"
+        else:
+            kind, label = "fp32", "fp32 (TF32 off)"
+        found = table_peak_flops(name, kind)
+        if found is not None:
+            return found[0], f"{found[1]} dense {label} peak from NVIDIA's datasheet ({name})"
         label = f"{name}, not in the peak table"
     else:
         label = device.type

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -70,3 +72,15 @@ def test_measured_peak_uses_large_gpu_matmuls(monkeypatch) -> None:
     sizes.clear()
     measure_peak_flops(torch.device("cpu"), torch.float32)
     assert sizes[0] == (1024, 1024)
+
+
+def test_resume_drops_stats_lines_after_the_checkpoint(tmp_path) -> None:
+    """A run killed at step 5 after its step-3 checkpoint: the rerun retrains 4 and 5, so their
+    old lines (and a torn last line) go; the file then holds each step once."""
+    from mdt_ds.monitor import drop_lines_after
+
+    stats = tmp_path / "stats.jsonl"
+    stats.write_text("".join(f'{{"step": {s}, "loss": {s / 10}}}\n' for s in range(1, 6)) + '{"step": 6, "lo')
+    assert drop_lines_after(stats, 3) == 3
+    assert [line["step"] for line in map(json.loads, stats.read_text().splitlines())] == [1, 2, 3]
+    assert drop_lines_after(stats, 3) == 0 and drop_lines_after(tmp_path / "none.jsonl", 0) == 0
