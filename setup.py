@@ -20,6 +20,7 @@ setup(
         "pillow",
         "diffusers>=0.30",
         "webdataset>=0.2.86",
+        "zlib-ng>=0.5",  # fast crc32 of every sample (mdt_ds.data.shards)
         "deepspeed>=0.15",
         "timm>=1.0",
         "tensorboard",

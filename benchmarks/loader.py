@@ -7,6 +7,9 @@ the vectorised posterior draw and flip.
 Prints one JSON object. Target: >= 10,000 latents/s per process for 32x32x4 on the project's CPU.
 
     python benchmarks/loader.py --workers 0 1 2 --batch-size 256 --seconds 10
+
+``crc_side_by_side`` times 0 workers with zlib-ng's crc32 and with zlib's own, alternated in one
+run (the two compute the same checksums; only the speed differs).
 """
 
 from __future__ import annotations
@@ -88,6 +91,27 @@ def time_stream(directory: Path, workers: int, args: argparse.Namespace) -> dict
     return result
 
 
+def crc_side_by_side(directory: Path, args: argparse.Namespace, rounds: int = 2) -> dict[str, float]:
+    """0-worker latents/s per CPU second with the per-sample check on zlib-ng's crc32, on zlib's,
+    and off (what the check costs), alternated, best of ``rounds`` each."""
+    import zlib
+
+    from mdt_ds.data import loader, shards
+
+    check, fast = loader.sample_problem, shards.fast_crc32
+    variants = {"zlib-ng": (check, fast), "zlib": (check, zlib.crc32), "off": (lambda *a: None, fast)}
+    best = dict.fromkeys(variants, 0.0)
+    try:
+        for _ in range(rounds):
+            for name, (problem, crc) in variants.items():
+                loader.sample_problem, shards.fast_crc32 = problem, crc
+                best[name] = max(best[name], time_stream(directory, 0, args)["latents_per_cpu_s"])
+    finally:
+        loader.sample_problem, shards.fast_crc32 = check, fast
+    return {**best, "check_cost_zlib_ng": round(1 - best["zlib-ng"] / best["off"], 3),
+            "check_cost_zlib": round(1 - best["zlib"] / best["off"], 3)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
@@ -110,6 +134,7 @@ def main() -> None:
         args.per_shard,
     )
     results = [time_stream(directory, w, args) for w in args.workers]
+    crc = crc_side_by_side(directory, args)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(
         json.dumps(
@@ -124,6 +149,7 @@ def main() -> None:
                 "target_latents_per_s": 10000,
                 "load_average_1min": load,
                 "results": results,
+                "crc_side_by_side": crc,
             },
             indent=1,
         )
