@@ -1,11 +1,14 @@
 """``mdt-eval`` (also ``python eval/evaluator.py``): the ADM evaluator, in PyTorch, distributed.
 
-    mdt-eval REF.npz SAMPLE.npz [--out metrics.json]        FID, sFID, IS, precision, recall
-    mdt-eval ref SOURCE OUT.npz [--image-size 256]           make an ADM reference batch
+commands:
+    mdt-eval [eval] REF.npz SAMPLE.npz [--out metrics.json]   FID, sFID, IS, precision, recall
+    mdt-eval ref SOURCE OUT.npz [--image-size 256]             make an ADM reference batch (+ OUT.json)
+    mdt-eval show NPZ [--out PNG] [--nrow 8] [--max 64]        a labelled grid PNG of any ADM .npz
     torchrun --nproc_per_node=8 eval/evaluator.py REF.npz SAMPLE.npz   (features on every GPU)
 
 SOURCE is an ImageNet-style class folder tree (e.g. ``train/``), image tars, or an image .npz.
 Inception weights: ``--inception PATH|download|fid-helper`` (see mdt_ds/metrics/inception.py).
+``mdt-eval ref --help`` and ``mdt-eval show --help`` list their options.
 """
 
 from __future__ import annotations
@@ -21,13 +24,28 @@ import torch
 from mdt_ds import dist
 
 log = logging.getLogger("mdt_ds.metrics")
+COMMANDS = ("eval", "ref", "show")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and every default in --help; a None default means "derived"
+    and its help says from what, so "(default: None)" is left off."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _parser(prog: str, usage: str | None, description: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(prog=prog, usage=usage, description=description, formatter_class=_HelpFormatter)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--inception",
         default=None,
-        help="Inception weights: a file, 'download', 'fid-helper' (default: search; see docs)",
+        help="Inception weights: a file, 'download', 'fid-helper' (unset: the first found; see docs)",
     )
     parser.add_argument(
         "--backend",
@@ -37,21 +55,27 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=64, help="Inception batch per rank (ADM: 64)")
     parser.add_argument("--device", default="auto", help="'auto' (this rank's GPU, else CPU), 'cpu', 'cuda'")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mdt-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    # An explicit usage: argparse's own ends in "ref sample", which reads as the `ref` command.
+    usage = (
+        "%(prog)s [eval] REF.npz SAMPLE.npz [options]\n"
+        "       %(prog)s ref SOURCE OUT.npz [options]   (mdt-eval ref --help)\n"
+        "       %(prog)s show NPZ [options]             (mdt-eval show --help)"
     )
-    parser.add_argument("ref", type=Path, help="reference batch (.npz: arr_0 images and/or mu/sigma/mu_s/sigma_s)")
-    parser.add_argument("sample", type=Path, help="sample batch (.npz: arr_0 uint8 NHWC)")
+    parser = _parser("mdt-eval", usage, __doc__)
+    parser.add_argument(
+        "ref", metavar="REF.npz", type=Path, help="reference batch (.npz: arr_0 images and/or mu/sigma/mu_s/sigma_s)"
+    )
+    parser.add_argument("sample", metavar="SAMPLE.npz", type=Path, help="sample batch (.npz: arr_0 uint8 NHWC)")
     parser.add_argument("--out", type=Path, default=None, help="results JSON (default: SAMPLE.metrics.json)")
     parser.add_argument(
         "--fd-method",
         choices=("sqrtm", "eigh"),
         default="sqrtm",
-        help="'sqrtm': ADM's exact code (default); 'eigh': faster eigenvalue form",
+        help="'sqrtm': ADM's exact code; 'eigh': faster eigenvalue form",
     )
     parser.add_argument("--pr-fp32", action="store_true", help="fp32 distances for precision/recall (ADM: fp16)")
     _common(parser)
@@ -59,19 +83,37 @@ def eval_parser() -> argparse.ArgumentParser:
 
 
 def ref_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="mdt-eval ref",
-        description="Make an ADM reference batch: statistics "
-        "of all images and a random subset of images for precision/recall.",
+    description = (
+        "Make an ADM reference batch: statistics of all images and a random subset of images for "
+        "precision/recall. A summary (image count, size, kept-subset digest, Inception) goes to OUT.json beside it."
     )
-    parser.add_argument("source", type=Path, help="class folder tree, image tars, or an image .npz")
-    parser.add_argument("out", type=Path, help="output .npz")
+    parser = _parser("mdt-eval ref", None, description)
+    parser.add_argument("source", metavar="SOURCE", type=Path, help="class folder tree, image tars, or an image .npz")
+    parser.add_argument("out", metavar="OUT.npz", type=Path, help="output .npz")
     parser.add_argument("--image-size", type=int, default=256, help="ADM centre crop size (folders and tars)")
     parser.add_argument("--num-images", type=int, default=10_000, help="images kept in arr_0 (ADM: 10,000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kept subset")
     parser.add_argument("--workers", type=int, default=4, help="image decoding workers per rank")
     _common(parser)
     return parser
+
+
+def show_parser() -> argparse.ArgumentParser:
+    description = "A grid PNG of any ADM .npz (arr_0 uint8 NHWC), each tile labelled with its class (arr_1)."
+    parser = _parser("mdt-eval show", None, description)
+    parser.add_argument("npz", metavar="NPZ", type=Path, help="an ADM batch: samples or a reference batch")
+    parser.add_argument("--out", type=Path, default=None, help="output PNG (unset: NPZ.grid.png beside it)")
+    parser.add_argument("--nrow", type=_positive, default=8, help="images per row")
+    parser.add_argument("--max", type=_positive, default=64, help="images shown (the first ones)")
+    parser.add_argument("--no-labels", action="store_true", help="do not draw the arr_1 labels")
+    return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _device(spec: str) -> torch.device:
@@ -97,12 +139,16 @@ def _extractor(args: argparse.Namespace, device: torch.device):
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from mdt_ds.metrics.checks import protocol_checks
     from mdt_ds.metrics.evaluate import evaluate_batches, format_results
     from mdt_ds.metrics.npz import AdmBatch
 
-    AdmBatch(args.ref, require_images=False), AdmBatch(args.sample)  # fail fast, before loading Inception
+    ref, sample = AdmBatch(args.ref, require_images=False), AdmBatch(args.sample)  # fail fast, before Inception
     device = _device(args.device)
     extractor = _extractor(args, device)
+    if dist.rank() == 0:  # now, not after an hour of features (metrics.json records them too)
+        for warning in protocol_checks(ref, sample, extractor)["warnings"]:
+            print(f"mdt-eval: warning: {warning}", file=sys.stderr, flush=True)
     results = evaluate_batches(
         args.ref,
         args.sample,
@@ -146,8 +192,19 @@ def run_ref(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     if summary is not None:
-        args.out.with_name(args.out.stem + ".json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary_path = args.out.with_suffix(".json")  # read back by mdt-eval: the N of the statistics
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
         print(json.dumps(summary, indent=2), flush=True)
+        print(f"wrote {args.out} and {summary_path}", flush=True)
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    from mdt_ds.metrics.show import show_npz
+
+    done = show_npz(args.npz, args.out, nrow=args.nrow, max_images=args.max, labels=not args.no_labels)
+    labels = "labelled" if done["labels"] else "no labels"
+    print(f"wrote {done['output']} ({done['images']} of {done['of']} images, {done['nrow']} per row, {labels})")
     return 0
 
 
@@ -157,11 +214,13 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [a for a in argv if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
-    if argv and argv[0] == "ref":
-        args, runner = ref_parser().parse_args(argv[1:]), run_ref
-    else:
-        args, runner = eval_parser().parse_args(argv[1:] if argv and argv[0] == "eval" else argv), run_eval
-    distributed = _setup()
+    command = argv[0] if argv and argv[0] in COMMANDS else "eval"
+    rest = argv[1:] if argv and argv[0] in COMMANDS else argv
+    parser, runner = {"eval": (eval_parser, run_eval), "ref": (ref_parser, run_ref), "show": (show_parser, run_show)}[
+        command
+    ]
+    args = parser().parse_args(rest)
+    distributed = command != "show" and _setup()  # show reads one file on one process
     try:
         return runner(args)
     except (NpzFormatError, InceptionWeightsError, FileNotFoundError) as err:

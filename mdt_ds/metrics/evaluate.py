@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mdt_ds import dist
+from mdt_ds.metrics.checks import protocol_checks
 from mdt_ds.metrics.inception import FeatureExtractor, no_tf32
 from mdt_ds.metrics.npz import AdmBatch
 from mdt_ds.metrics.precision_recall import precision_recall
@@ -160,6 +161,7 @@ def evaluate_batches(
     if dist.rank() != 0:
         return None
     results = adm_metrics(ref, sample, ref_acts, sample_acts, fd_method, pr_fp16, device)
+    results.update(protocol_checks(ref, sample, extractor))
     results.update(
         feature_seconds=(ref_acts.seconds if ref_acts else 0.0) + sample_acts.seconds, seconds=time.time() - start
     )
@@ -220,4 +222,5 @@ def format_results(results: dict) -> str:
         ("recall", "Recall"),
     ]
     lines = [f"{label}: {'unavailable' if results[key] is None else results[key]}" for key, label in names]
-    return "\n".join(lines + [f"note: {n}" for n in results.get("notes", [])])
+    notes = [f"note: {n}" for n in results.get("notes", [])]
+    return "\n".join(lines + notes + [f"warning: {w}" for w in results.get("warnings", [])])

@@ -210,6 +210,7 @@ class FeatureExtractor(nn.Module):
     spatial_dim: int
     has_logits: bool
     description: dict
+    input_size: int = INPUT_SIZE  # every image is resized to this square before the network
 
     @staticmethod
     def to_float_nchw(images: torch.Tensor) -> torch.Tensor:
@@ -269,7 +270,7 @@ class InceptionV3(FeatureExtractor):
 class TinyRandomExtractor(FeatureExtractor):
     """A seeded random conv net with Inception's interface (tests of the pipeline, not a metric)."""
 
-    pool_dim, spatial_dim, has_logits = 32, 4 * 4 * 7, True
+    pool_dim, spatial_dim, has_logits, input_size = 32, 4 * 4 * 7, True, 32
 
     def __init__(self, seed: int = 0):
         super().__init__()
@@ -280,7 +281,7 @@ class TinyRandomExtractor(FeatureExtractor):
         self.description = {"network": "tiny-random", "seed": seed, "logits": True, "resize": "tf1-bilinear"}
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        x = (tf1_resize_bilinear(self.to_float_nchw(images), 32) - 128) / 128
+        x = (tf1_resize_bilinear(self.to_float_nchw(images), self.input_size) - 128) / 128
         x = F.relu(F.conv2d(F.relu(F.conv2d(x, self.w1, stride=2, padding=1)), self.w2, stride=2, padding=1))
         spatial = sfid_features(F.adaptive_avg_pool2d(x, 4))
         pool = x.mean(dim=(2, 3))

@@ -1,1 +1,1 @@
-"""Command-line tools (latent extraction, sampling, checkpoint conversion)."""
+"""Command-line tools (latent extraction, sampling, checkpoint conversion, run cost estimates)."""
