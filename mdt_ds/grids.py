@@ -17,13 +17,19 @@ from mdt_ds.models.codec import PixelCodec, VAECodec, load_codec
 def codec_for_source(source: str, channels: int, device: torch.device | str | None = None) -> PixelCodec | VAECodec:
     """The codec that decodes this data source's latents, from its manifest (shard folders and
     the embedded sets "mnist16", "mnist32", "tiny-latents" alike), on ``device`` (None: CPU)."""
+    return load_codec(codec_name_for_source(source), device=device or "cpu", channels=channels)
+
+
+def codec_name_for_source(source: str) -> str:
+    """The :func:`load_codec` name of the codec this data source was encoded with, from its
+    manifest: ``"pixel"``, or the VAE's recorded source (a hub id, a directory, ``"tiny-random"``)."""
     from mdt_ds.data.loader import resolve_source
     from mdt_ds.data.shards import manifest_layout, read_manifest
 
     codec = manifest_layout(read_manifest(resolve_source(source))).codec
     if codec.get("name", "pixel") == "pixel":
-        return PixelCodec(channels)
-    return load_codec(codec.get("source") or codec.get("hub_id") or "mse", device=device or "cpu")
+        return "pixel"
+    return codec.get("source") or codec.get("hub_id") or "mse"
 
 
 @torch.no_grad()

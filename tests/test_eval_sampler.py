@@ -266,8 +266,8 @@ def test_two_ranks_interrupted_then_resumed_on_one_give_the_same_file(
 
 def test_changed_settings_are_refused(tiny_ckpt, tmp_path, capsys) -> None:
     out = tmp_path / "s.npz"
-    base = ["--ckpt", str(tiny_ckpt), "--output", str(out), *COMMON, "--num-samples", "2", "--steps", "2"]
-    assert sample_cli.main(base + ["--max-batches", "0"]) == 0
+    base = ["--ckpt", str(tiny_ckpt), "--output", str(out), *COMMON, "--num-samples", "4", "--steps", "2"]
+    assert sample_cli.main(base + ["--max-batches", "1"]) == 0  # settings bind once a shard exists
     assert sample_cli.main(base + ["--seed", "6"]) == 2
     assert "other settings (seed)" in capsys.readouterr().err
 

@@ -78,10 +78,13 @@ class VAECodec:
         except (OSError, ValueError) as err:
             offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
             hint = "HF_HUB_OFFLINE is set, so nothing is downloaded. " if offline else ""
+            # One line (CLIs print it as their error line), naming the repo actually asked for and
+            # today's hub command: huggingface_hub >= 1.0 ships `hf`, not `huggingface-cli`.
+            cause = " ".join(str(err).split())[:200]
             raise CodecError(
                 f"cannot load the VAE {repo!r}: {hint}Download it once on a machine with internet "
-                f"(huggingface-cli download {SD_VAE_IDS['mse']}) and pass its local directory, or "
-                f"fill the Hugging Face cache (HF_HOME). Cause: {err.__class__.__name__}: {str(err)[:200]}"
+                f"(hf download {repo}) and pass its local directory (hf download {repo} --local-dir DIR), or "
+                f"fill the Hugging Face cache (HF_HOME / HF_HUB_CACHE). Cause: {err.__class__.__name__}: {cause}"
             ) from err
         return cls(vae.to(device), source=str(repo))
 

@@ -16,23 +16,87 @@ from pathlib import Path
 
 import torch
 
+from mdt_ds.config import ConfigError
+
+HF_PREFIX = "hf://"
+
+
+class WeightsFileError(ConfigError):
+    """A weights file (``--ckpt``, ``init_from``) is missing, not in the hub cache, or not a
+    state_dict; the message names the file, what was expected and the fix."""
+
+
+def resolve_weights_path(spec: str | Path) -> Path:
+    """A local file, or ``hf://OWNER/NAME[@REVISION]/PATH/IN/REPO`` through ``hf_hub_download``
+    (its cache, and ``HF_HUB_OFFLINE=1`` to stay offline)."""
+    text = str(spec)
+    if not text.startswith(HF_PREFIX):
+        path = Path(text).expanduser()
+        if not path.is_file():
+            raise WeightsFileError(f"weights file {path} does not exist")
+        return path
+    parts = text[len(HF_PREFIX) :].split("/")
+    if len(parts) < 3 or not all(parts):
+        raise WeightsFileError(
+            f"{text}: expected hf://OWNER/NAME/FILE (e.g. {HF_PREFIX}shgao/MDT-XL2/mdt_xl2_v2_ckpt.pt)"
+        )
+    repo, _, revision = "/".join(parts[:2]).partition("@")
+    filename = "/".join(parts[2:])
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo, filename, revision=revision or None))
+    except (OSError, ValueError, EntryNotFoundError) as err:
+        why = (
+            "HF_HUB_OFFLINE is set, so nothing is downloaded, and it is not in the hub cache"
+            if constants.HF_HUB_OFFLINE
+            else "it could not be downloaded (no network, no access, or no such file) and is not in the hub cache"
+        )
+        rev = f" --revision {revision}" if revision else ""
+        raise WeightsFileError(
+            f"cannot get {filename} of the Hugging Face repo {repo} ({text}): {why} {constants.HF_HUB_CACHE}. "
+            f"Fetch it where there is internet: hf download {repo} {filename}{rev} (then copy the cache or "
+            f"point HF_HUB_CACHE at it), or pass the local file. "
+            f"Cause: {type(err).__name__}: {' '.join(str(err).split())[:200]}"
+        ) from None
+
+
+def _read_weights(path: Path) -> object:
+    """The file's content, loaded without executing pickled code; a file that is no checkpoint
+    (text, a truncated download) is reported as such instead of the unpickler's KeyError."""
+    from mdt_ds.safe_load import UnsafeCheckpointError, safe_torch_load
+
+    expected = "a state_dict saved by torch.save (.pt/.pth) or a .safetensors file"
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        return safe_torch_load(path, map_location="cpu")
+    except UnsafeCheckpointError:
+        raise
+    except Exception as err:  # torch/safetensors raise KeyError, RuntimeError, EOFError... on foreign bytes
+        raise WeightsFileError(
+            f"{path} is not a checkpoint: expected {expected} ({type(err).__name__}: {' '.join(str(err).split())[:120]})"
+        ) from None
+
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A raw state_dict from ``.pt`` (loaded without executing pickled code) or ``.safetensors``;
-    an official MDT checkpoint works as is. ``{"ema": ...}``/``{"model": ...}`` wrappers are unwrapped."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    from mdt_ds.safe_load import safe_torch_load
-
-    state = safe_torch_load(path, map_location="cpu")
+    """A raw state_dict from ``.pt`` (loaded without executing pickled code) or ``.safetensors``,
+    local or ``hf://OWNER/NAME/FILE`` (see :func:`resolve_weights_path`); an official MDT checkpoint
+    works as is. ``{"ema": ...}``/``{"model": ...}`` wrappers are unwrapped. Raises
+    :class:`WeightsFileError` (a :class:`~mdt_ds.config.ConfigError`) for a missing or foreign file."""
+    path = resolve_weights_path(path)
+    state = _read_weights(path)
     for key in ("ema", "model", "state_dict", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsFileError(
+            f"{path} is not a state_dict: expected a mapping of parameter names to tensors "
+            f"(or one under 'ema'/'model'/'state_dict'/'module'), got {type(state).__name__}"
+        )
     return state
 
 
@@ -66,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             state = load_state_dict_file(args.checkpoint.parent.parent / "snapshots" / f"ema_{step}.pt")
         else:
             state = consolidate(args.checkpoint)
-    except UnsafeCheckpointError as err:
+    except (UnsafeCheckpointError, WeightsFileError) as err:
         print(f"convert_checkpoint: {err}", file=sys.stderr)
         return 2
     if args.output.suffix == ".safetensors":

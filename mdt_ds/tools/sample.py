@@ -11,7 +11,8 @@ files are bit-identical across world sizes (another batch size changes only floa
 index duplicated or missing; when all indices exist, rank 0 streams the shards into the ADM
 ``.npz`` (``arr_0`` uint8 NHWC, ``arr_1`` labels) one shard at a time and writes ``OUTPUT.json``
 with the settings. Defaults follow the release's FID protocol (250-step DDPM, uniformly random
-labels, fp32/TF32, truncating quantisation, sd-vae-ft-ema decoder).
+labels, fp32/TF32, truncating quantisation, sd-vae-ft-ema decoder); a run's EMA snapshot decodes
+with the codec it was trained on. ``--ckpt hf://OWNER/NAME/FILE`` reads the Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -29,50 +30,13 @@ import numpy as np
 import torch
 
 from mdt_ds import dist
-from mdt_ds.config import ConfigError, ModelConfig, from_dict
+from mdt_ds.config import ConfigError, ModelConfig
+from mdt_ds.tools.sample_inputs import SampleError, choose_codec, load_model, load_state, model_config, run_config_file
+
+__all__ = ["SampleError", "load_model", "main", "model_config"]
 
 log = logging.getLogger("mdt_ds.sample")
 PART = re.compile(r"^part-(\d{8})-(\d{8})\.npz$")
-
-
-class SampleError(RuntimeError):
-    """The run cannot proceed (mismatched settings, broken shards); the message says what to do."""
-
-
-# --------------------------------------------------------------------------- model loading
-def model_config(preset: str | None, config: Path | None, ckpt: Path) -> ModelConfig:
-    """The model to build: ``--config`` (a run's config.json) first, then the ``--model`` preset,
-    then a config.json beside the checkpoint (EMA snapshots have one), else MDTv2-XL/2."""
-    if config is not None and not config.is_file():
-        raise SampleError(f"--config {config} does not exist")
-    candidates = [config] if config else ([] if preset else [ckpt.parent / "config.json"])
-    for candidate in candidates:
-        if candidate.is_file():
-            data = json.loads(candidate.read_text())
-            return from_dict(ModelConfig, data.get("model", data), "model")
-    return ModelConfig.from_preset(preset or "MDTv2-XL/2")
-
-
-def load_model(ckpt: Path, cfg: ModelConfig, device: torch.device) -> torch.nn.Module:
-    """Build the model and load a raw state_dict (ours or the release's), strictly."""
-    from mdt_ds.models import build_model
-    from mdt_ds.tools.convert_checkpoint import load_state_dict_file
-
-    state = load_state_dict_file(ckpt)
-    state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
-    model = build_model(cfg)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        raise SampleError(
-            f"{ckpt} does not fit model preset {cfg.preset!r}: {len(missing)} missing keys {missing[:3]}, "
-            f"{len(unexpected)} unexpected {unexpected[:3]}, {len(wrong)} with other shapes {wrong[:3]}; "
-            "pass --model with the preset it was trained with, or --config RUN_DIR/config.json"
-        )
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
-    return model.to(device).eval()
 
 
 # --------------------------------------------------------------------------- shards
@@ -155,9 +119,10 @@ def pack(parts: Path, output: Path, num_samples: int) -> tuple[int, ...]:
 # --------------------------------------------------------------------------- run
 def settings_of(args: argparse.Namespace, cfg: ModelConfig, options) -> dict:
     """What must not change between a run and its resumption (batch size and world size may)."""
+    hub = str(args.ckpt).startswith("hf://")
     return {
-        "checkpoint": str(args.ckpt.resolve()),
-        "checkpoint_bytes": args.ckpt.stat().st_size,
+        "checkpoint": str(args.ckpt) if hub else str(args.ckpt_file.resolve()),
+        "checkpoint_bytes": args.ckpt_file.stat().st_size,
         "model": cfg.__dict__,
         "vae": args.vae,
         "seed": args.seed,
@@ -171,14 +136,14 @@ def check_settings(path: Path, settings: dict) -> None:
     diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
     if diff:
         raise SampleError(
-            f"{path} was written with other settings ({', '.join(diff)}): use another --output, "
-            "or delete the old files to start over"
+            f"{path} was written with other settings ({', '.join(diff)}): rerun with those settings to "
+            "resume, pass --overwrite to discard the old samples and start over, or use another --output"
         )
 
 
 def default_output(args: argparse.Namespace, cfg: ModelConfig) -> Path:
     name = (
-        f"{cfg.preset.replace('/', '-')}-{args.ckpt.stem}-{args.sampler}{args.steps}-cfg{args.cfg_scale:g}"
+        f"{cfg.preset.replace('/', '-')}-{args.ckpt_file.stem}-{args.sampler}{args.steps}-cfg{args.cfg_scale:g}"
         f"-pow{args.cfg_pow:g}-seed{args.seed}-n{args.num_samples}.npz"
     )
     return Path("samples") / name
@@ -200,12 +165,13 @@ def _plan_on_rank0(args: argparse.Namespace, settings: dict, parts: Path) -> lis
             return None
     parts.mkdir(parents=True, exist_ok=True)
     run_file = parts / "run.json"
-    if run_file.is_file() and not args.overwrite:
+    # Settings bind only once a shard exists: a run that failed before its first shard (a
+    # missing VAE, a wrong --model) must not lock --output against the corrected command.
+    if run_file.is_file() and list_parts(parts) and not args.overwrite:
         check_settings(run_file, settings)
     else:
-        for stale in parts.glob("part-*.npz"):
-            stale.unlink()
-        run_file.write_text(json.dumps(settings, indent=2) + "\n")
+        for stale in [*parts.glob("part-*.npz"), run_file]:
+            stale.unlink(missing_ok=True)
     for tmp in parts.glob("*.tmp"):  # a rank died while writing
         tmp.unlink()
     return plan_chunks(args.num_samples, list_parts(parts), args.batch_size)
@@ -224,6 +190,15 @@ def prepare(args: argparse.Namespace, settings: dict, parts: Path) -> list[tuple
     if error:
         raise SampleError(error)
     return plan
+
+
+def record_settings(parts: Path, settings: dict) -> None:
+    """Rank 0, once the model and the codec have loaded: ``run.json`` binds later shards to these
+    settings (written before this rank's first shard, atomically)."""
+    run_file = parts / "run.json"
+    tmp = run_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(settings, indent=2) + "\n")
+    tmp.replace(run_file)
 
 
 def run_chunks(args, model, diffusion, codec, options, chunks, parts: Path, device: torch.device) -> int:
@@ -267,19 +242,39 @@ def finish(args: argparse.Namespace, settings: dict, parts: Path, stats: dict) -
     log.info("wrote %s %s", args.output, tuple(shape))
 
 
+def _add_input_args(p: argparse.ArgumentParser) -> None:
+    """What to sample from: the checkpoint, the model that fits it, the decoder."""
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        help="EMA snapshot (.pt/.safetensors), official checkpoint, or hf://OWNER/NAME/FILE from the "
+        "Hugging Face Hub (its cache; HF_HUB_OFFLINE=1 stays offline), e.g. hf://shgao/MDT-XL2/mdt_xl2_v2_ckpt.pt",
+    )
+    p.add_argument(
+        "--model",
+        nargs="+",
+        default=None,
+        metavar=("PRESET", "key=value"),
+        help="a preset, e.g. MDTv2-XL/2, with optional ModelConfig overrides (--model MDTv2-Tiny/2 "
+        "input_size=16). Default: config.json beside --ckpt, else the checkpoint's shapes. Fields the "
+        "state_dict determines (hidden size, depth, heads, patch, channels, classes, input size) are "
+        "taken from it unless set here; a model equal to no preset is labelled 'custom'",
+    )
+    p.add_argument("--config", type=Path, default=None, help="a run's config.json (its model section is used)")
+    p.add_argument(
+        "--vae",
+        default=None,
+        help="the decoder: 'ema' (sd-vae-ft-ema), 'mse', 'pixel', a hub id or directory ('tiny-random' for "
+        "tests). Default: for a run's EMA snapshot, the codec it was trained on (snapshots/config.json -> "
+        "the data manifest); for official checkpoints 'ema', the paper's FID decoder",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mdt-sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--ckpt", type=Path, required=True, help="EMA snapshot (.pt/.safetensors) or official checkpoint")
-    p.add_argument("--model", default=None, help="preset, e.g. MDTv2-XL/2 (default: config.json beside --ckpt)")
-    p.add_argument("--config", type=Path, default=None, help="a run's config.json (its model section is used)")
-    p.add_argument(
-        "--vae",
-        default="ema",
-        help="'ema' (sd-vae-ft-ema, as the FID tables), 'mse', 'pixel', a hub id "
-        "or directory ('tiny-random' for tests)",
-    )
+    _add_input_args(p)
     p.add_argument("--num-samples", type=int, default=50_000)
     p.add_argument("--batch-size", type=int, default=32, help="images per forward, per rank")
     p.add_argument("--seed", type=int, default=0, help="global seed; image i uses seeds derived from (seed, i)")
@@ -371,9 +366,14 @@ def _finish_everywhere(args: argparse.Namespace, settings: dict, parts: Path, st
 def sample_main(args: argparse.Namespace) -> int:
     from mdt_ds.diffusion import create_diffusion
     from mdt_ds.models.codec import load_codec
+    from mdt_ds.tools.convert_checkpoint import resolve_weights_path
 
     device = _device(args)
-    cfg = model_config(args.model, args.config, args.ckpt)
+    hub = str(args.ckpt).startswith("hf://")
+    args.ckpt_file = resolve_weights_path(args.ckpt)
+    state = load_state(args.ckpt_file)  # first: a bad file fails before anything is written
+    cfg = model_config(args.model, args.config, args.ckpt_file, state, hub=hub)
+    args.vae = choose_codec(args.vae, run_config_file(args.model, args.config, args.ckpt_file, hub))
     options = _options(args)
     args.output = args.output or default_output(args, cfg)
     parts = args.output.with_name(args.output.name + ".parts")
@@ -382,8 +382,11 @@ def sample_main(args: argparse.Namespace) -> int:
     if chunks is None:
         log.info("%s is complete (%d images); nothing to do", args.output, args.num_samples)
         return 0
-    model = load_model(args.ckpt, cfg, device)
+    model = load_model(state, cfg, device)
+    del state
     codec = load_codec(args.vae, device, channels=cfg.in_channels)
+    if dist.rank() == 0:
+        record_settings(parts, settings)
     todo = sum(b - a for a, b in chunks)
     how = f"{cfg.preset}, {args.sampler} {args.steps} steps, cfg {args.cfg_scale:g} pow {args.cfg_pow:g}"
     log.info(
@@ -413,10 +416,14 @@ def main(argv: list[str] | None = None) -> int:
         dist.init(sys.argv)
     if dist.rank() == 0:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    from mdt_ds.models.codec import CodecError
+    from mdt_ds.safe_load import UnsafeCheckpointError
+
     try:
         return sample_main(args)
-    except (SampleError, ConfigError, FileNotFoundError) as err:
-        print(f"mdt-sample: error: {err}", file=sys.stderr)
+    except (SampleError, ConfigError, CodecError, UnsafeCheckpointError, FileNotFoundError) as err:
+        # One line, as argparse's own errors: the message names the file and the fix.
+        print(f"mdt-sample: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     finally:
         if distributed:
