@@ -42,20 +42,24 @@ class ConfigError(ValueError):
     """A config value, key or file is wrong; the message names it and says what is allowed."""
 
 
+AUTO = "auto"  # a model field taken from the data (mdt_ds.data.compat)
+
+
 @dataclass
 class ModelConfig:
     """MDTv2 constructor arguments (the release's keyword names) plus the preset they came from."""
 
     preset: str = "MDTv2-S/2"
-    input_size: int = 32
+    # input_size, in_channels, num_classes: "auto" takes them from the data's manifest (mdt-train)
+    input_size: int | Literal["auto"] = 32
     patch_size: int = 2
-    in_channels: int = 4
+    in_channels: int | Literal["auto"] = 4
     hidden_size: int = 384
     depth: int = 12
     num_heads: int = 6
     mlp_ratio: float = 4.0
     class_dropout_prob: float = 0.1
-    num_classes: int = 1000
+    num_classes: int | Literal["auto"] = 1000
     learn_sigma: bool = True
     mask_ratio: float | None = 0.3
     decode_layer: int = 6
@@ -73,6 +77,10 @@ class ModelConfig:
 
     def model_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of ``MDTv2(...)``."""
+        auto = [k for k in ("input_size", "in_channels", "num_classes") if getattr(self, k) == AUTO]
+        if auto:
+            raise ConfigError(f"model.{auto[0]}=auto is resolved from the data by mdt-train (mdt_ds.data.compat); "
+                              "set a number here")
         kwargs = dataclasses.asdict(self)
         kwargs.pop("preset")
         return kwargs
@@ -115,6 +123,16 @@ class OptimConfig:
     no_prox: bool = False
     grad_clip: float = 1.0
     warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        # Caught here, naming the key, rather than by the optimizer's own check at build time.
+        for name in ("lr", "weight_decay", "grad_clip", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.eps > 0:
+            raise ConfigError(f"optim.eps must be > 0, got {self.eps}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"optim.betas must each be in [0, 1), got {self.betas}")
 
 
 @dataclass
@@ -375,6 +393,11 @@ def resolve_batch(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
     """(micro_batch, grad_accum) with ``global = micro x accum x world``, or a clear error."""
     if cfg.global_batch <= 0 or world_size <= 0:
         raise ConfigError(f"global_batch ({cfg.global_batch}) and world size ({world_size}) must be positive")
+    if not cfg.micro_batch and cfg.global_batch % world_size:
+        below = cfg.global_batch // world_size * world_size
+        options = " or ".join(str(n) for n in (below, below + world_size) if n > 0)
+        raise ConfigError(f"global_batch={cfg.global_batch} does not split over {world_size} processes: pick a "
+                          f"multiple of {world_size} (e.g. global_batch={options})")
     micro = cfg.micro_batch or cfg.global_batch // world_size
     per_step = micro * world_size
     if micro <= 0 or cfg.global_batch % per_step:

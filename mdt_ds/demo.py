@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mdt_ds.clihelp import HelpFormatter
+
 DEMO_OVERRIDES = [
     # MDTv2-Demo/2 narrowed to hidden 96, depth 4 (0.96M parameters): on a 2-core AVX2 CPU it sees
     # ~2.5x more images in the budget than the 128/6 preset, which matters more than width here.
@@ -98,7 +100,7 @@ def sample_and_score(run_dir: Path, per_class: int = 20) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--minutes", type=float, default=8.0, help="training time budget")

@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mdt_ds.clihelp import HelpFormatter
 from mdt_ds.slurm_job import EXIT_PREEMPTED, ModuleJob, TrainJob, _submitit, requeue_job
 
 log = logging.getLogger("mdt_ds.launch")
@@ -268,6 +269,7 @@ def _key_values(items: Sequence[str], what: str) -> dict[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mdt-submit",
+        formatter_class=HelpFormatter,
         description="Submit MDTv2 training (or a module such as the sampler) to Slurm through submitit. "
         "Extra arguments are training overrides (key=value); after --module/--script, arguments after '--' "
         "go to that program. Preempted or timed-out jobs checkpoint, requeue and resume by themselves.",

@@ -71,7 +71,7 @@ class Monitor:
             return
         self.stats.write(line)
         self.bar.set_postfix(loss=f"{scalars.get('loss', float('nan')):.4f}", refresh=False)
-        if step % self.summary_every == 0:
+        if step % self.summary_every == 0 or step == self.bar.total:  # and always the last step
             parts = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
             self.bar.write(f"step {step}: {parts}")
 

@@ -25,8 +25,9 @@ What it does:
 - when the launcher has exited, workers still alive get SIGTERM, ``--grace`` seconds to
   checkpoint, then SIGKILL;
 - exits 3 if a worker reported 3 and none reported another failure (the ranks agree on a stop
-  before any of them exits, so one 3 means the checkpoint is complete), else the launcher's code
-  (128 + N if it died of signal N).
+  before any of them exits, so one 3 means the checkpoint is complete); 2 if a worker reported 2
+  (a user error it printed in one line) and the others 0 or 1; else the launcher's code (128 + N
+  if it died of signal N).
 """
 
 from __future__ import annotations
@@ -43,9 +44,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from mdt_ds.clihelp import HelpFormatter
 from mdt_ds.preemption import EXIT_DIR_VAR
 
 EXIT_PREEMPTED = 3
+EXIT_USAGE = 2  # mdt-train: a user error it named in one line
 PR_SET_CHILD_SUBREAPER = 36
 FORWARD = {
     signal.SIGUSR1: signal.SIGUSR1,
@@ -222,6 +225,11 @@ class Supervisor:
         if EXIT_PREEMPTED in codes and all(c in (0, EXIT_PREEMPTED) for c in codes):
             say(f"workers stopped for preemption after checkpointing (launcher exit {rc}): exit {EXIT_PREEMPTED}")
             return EXIT_PREEMPTED
+        if EXIT_USAGE in codes and set(codes) <= {0, 1, EXIT_USAGE}:
+            # A user error (config, data, a refused file): the worker printed it in one line; the
+            # others, stopped by the launcher, may say 1. torchrun itself would say 1.
+            say(f"a worker stopped on an error it named above (launcher exit {rc}): exit {EXIT_USAGE}")
+            return EXIT_USAGE
         say(f"launcher exited with {rc}; workers reported {sorted(codes) or 'nothing'}")
         return rc
 
@@ -230,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="mdt-launch",
+        formatter_class=HelpFormatter,
         description="Run a launcher (torchrun, deepspeed) so that preemption exits 3 and "
         "warning signals reach the training processes. Usage: mdt-launch [--grace S] -- LAUNCHER ARGS...",
     )

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 
 from mdt_ds import dist
@@ -85,11 +86,13 @@ def train(cfg: TrainConfig) -> dict:
     stop = StopFlag().install()  # first: a warning signal during imports/init must not kill the rank
     try:
         from mdt_ds.checkpoint import remove_stale
+        from mdt_ds.data.compat import fit_model_to_data
         from mdt_ds.rundir import lock_run_dir
         from mdt_ds.trainer import Trainer
 
         env = dist.init(argv=sys.argv, use_deepspeed=True)
         setup_logging(env.rank)
+        cfg = fit_model_to_data(cfg)  # before anything is built; config.json keeps the resolved values
         lock = lock_run_dir(Path(cfg.run_dir).resolve())
         try:
             run_dir = prepare_run_dir(cfg)
@@ -103,10 +106,32 @@ def train(cfg: TrainConfig) -> dict:
         stop.restore()
 
 
+def config_sections_help() -> str:
+    """The config's sections and keys with their defaults, for --help (from the dataclasses)."""
+    import dataclasses
+
+    cfg = TrainConfig()
+    top, lines = [], ["config sections (section.key=value; defaults shown):"]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            keys = ", ".join(f"{k.name}={getattr(value, k.name)!r}" for k in dataclasses.fields(value))
+            lines.append(f"  {f.name}: {keys}")
+        else:
+            top.append(f"{f.name}={value!r}")
+    lines.append("  top level: " + ", ".join(top))
+    lines.append("Every resolved value, and the DeepSpeed JSON derived from them: mdt-train [overrides] --dry-run")
+    lines.append("(model.input_size / in_channels / num_classes = auto take them from the data's manifest).")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    from mdt_ds.clihelp import HelpFormatter
+
     parser = argparse.ArgumentParser(
         prog="mdt-train", description="Train MDTv2 with DeepSpeed. Extra arguments are overrides: key=value "
         "or --section.key=value (e.g. model.preset=MDTv2-XL/2 optim.lr=3e-4).",
+        epilog=config_sections_help(), formatter_class=HelpFormatter,
     )
     parser.add_argument("--config", action="append", default=[], help="YAML/JSON run config; repeatable, later wins")
     parser.add_argument("--dry-run", action="store_true", help="print the resolved config and DeepSpeed JSON, exit")
@@ -115,8 +140,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``mdt-train``: 0 done, 1 failed (non-finite loss), 2 config error or a checkpoint file
-    refused for holding pickled code, 3 preempted (a checkpoint was written; rerun to resume).
+    """``mdt-train``: 0 done, 1 failed (non-finite loss, a checkpoint that could not be written), 2
+    a user error named in one line (config, data, a checkpoint file refused or unreadable), 3 preempted (a checkpoint was written; rerun to resume).
     Under ``mdt-launch`` the code is also written to the supervisor's exit folder, since torchrun
     reports any worker failure as 1 and the launchers kill the other ranks."""
     from mdt_ds import preemption
@@ -134,24 +159,55 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-def _main(argv: list[str] | None) -> int:
+def _user_errors() -> dict[type, int]:
+    """The project's own errors, which a CLI reports in one line (no traceback), and their codes:
+    2 for what the user can fix (config, data, files), 1 for a run that failed."""
+    from mdt_ds.checkpoint import CheckpointError, ResumeError
+    from mdt_ds.data.shards import ShardError
+    from mdt_ds.models.codec import CodecError
     from mdt_ds.safe_load import UnsafeCheckpointError
+    from mdt_ds.trainer import TrainingDiverged
+    from mdt_ds.universal import UniversalError
 
+    return {ConfigError: 2, UnsafeCheckpointError: 2, ResumeError: 2, UniversalError: 2, ShardError: 2,
+            CodecError: 2, TrainingDiverged: 1, CheckpointError: 1}
+
+
+def _report(err: Exception) -> None:
+    """One line on stderr. A config error is the same on every rank (each rank checks the same
+    config, and run-dir checks are agreed from rank 0): only rank 0 prints it. Any other error may
+    hit one rank alone (a bad shard, a full disk), so that rank prints it, naming itself."""
+    env = dist.launcher_env(argv=sys.argv)
+    if isinstance(err, ConfigError):
+        if env.rank == 0:
+            print(f"mdt-train: config error: {err}", file=sys.stderr)
+        elif env.world_size > 1:
+            # torchrun ends the other workers as soon as one exits: let rank 0 print first.
+            time.sleep(3)
+        return
+    where = f" (rank {env.rank})" if env.world_size > 1 else ""
+    print(f"mdt-train: error{where}: {' '.join(str(err).split())}", file=sys.stderr)
+
+
+def _main(argv: list[str] | None) -> int:
     args, overrides = parse_args(argv)
     try:
         cfg = load_config(args.config, overrides)
         if args.dry_run:
+            from mdt_ds.data.compat import fit_model_to_data
+
             world = dist.launcher_env(argv=sys.argv).world_size
             resolve_batch(cfg, world)
+            cfg = fit_model_to_data(cfg)
             print(json.dumps({"config": to_dict(cfg), "deepspeed": deepspeed_config(cfg, world)}, indent=2))
             return 0
         result = train(cfg)
-    except ConfigError as err:
-        print(f"mdt-train: config error: {err}", file=sys.stderr)
-        return 2
-    except UnsafeCheckpointError as err:  # a crafted/foreign file in run_dir: refused, nothing ran
-        print(f"mdt-train: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:
+        codes = [code for kind, code in _user_errors().items() if isinstance(err, kind)]
+        if not codes:
+            raise  # a bug: the traceback is for us
+        _report(err)
+        return codes[0]
     finally:
         dist.teardown()
     if result["preempted"]:

@@ -58,6 +58,13 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the message names the step, the terms and the last checkpoint."""
 
 
+def summary_interval(log_every: int, steps: int) -> int:
+    """Steps between the console's summary lines: every 10th logged step on long runs, and about
+    10 lines in all on short ones (which at every-10th would never print one)."""
+    log_every = max(1, log_every)
+    return log_every * max(1, min(10, steps // (10 * log_every)))
+
+
 # "No non-finite step yet" for the device-side record of the first bad step.
 NO_BAD_STEP = 2**62
 
@@ -80,7 +87,8 @@ class Trainer:
         self.batches = iter(self.loader)
         self.macs_per_image = train_macs_per_image(self.engine.module)
         self.peak_flops, self.peak_source = self._peak_flops()
-        self.monitor = Monitor(run_dir, self.step, cfg.steps, dist.is_main(), summary_every=cfg.log_every * 10)
+        self.monitor = Monitor(run_dir, self.step, cfg.steps, dist.is_main(),
+                               summary_every=summary_interval(cfg.log_every, cfg.steps))
         self.last_ckpt: Path | None = self.latest
         self.disk = self._plan_disk()
         self._reset_guards()
@@ -316,6 +324,7 @@ class Trainer:
         self.save(snapshot=not preempted)
         if not preempted and cfg.sample_every and self.step % cfg.sample_every:
             self.sample_grid()
+        self.monitor.text(self.final_summary(preempted))
         self.monitor.close()
         if preempted:
             log.warning("stopped by signal at step %d after saving %s", self.step, self.last_ckpt)
@@ -324,6 +333,23 @@ class Trainer:
             "loss": self.last_scalars.get("loss", math.nan), "zero_stage": self.engine.zero_optimization_stage(),
             "world_size": self.env.world_size,
         }
+
+    def final_summary(self, preempted: bool) -> str:
+        """What a person wants at the end of a run: where it stands and where its outputs are."""
+        def newest(folder: str, pattern: str) -> str:
+            found = sorted((self.run_dir / folder).glob(pattern))
+            return str(found[-1]) if found else "none"
+
+        loss = self.last_scalars.get("loss")
+        minutes = (time.time() - self.started) / 60
+        return "\n".join([
+            f"{'stopped (preempted)' if preempted else 'done'}: step {self.step} of {self.cfg.steps}, last loss "
+            f"{'n/a' if loss is None else f'{loss:.4f}'}, {minutes:.1f} min in this launch",
+            f"  checkpoint   {self.last_ckpt or 'none'}",
+            f"  EMA snapshot {newest('snapshots', 'ema_*')}",
+            f"  sample grid  {newest('samples', 'step_*.png')}",
+            f"  TensorBoard  tensorboard --logdir {self.run_dir / 'tensorboard'}",
+        ])
 
     def _log(self, terms: dict[str, torch.Tensor], step_time: float) -> dict[str, float]:
         """Average the terms over ranks in the step's one reduction and log them (the only host
@@ -460,6 +486,7 @@ class Trainer:
                 path = self.run_dir / "samples" / f"step_{self.step:07d}.png"
                 grid = render_grid(self.cfg, state, path, device=self.device)
                 self.monitor.image("samples/ema", grid, self.step)
+                self.monitor.text(f"step {self.step}: sample grid {path}")
             except Exception as err:  # noqa: BLE001 - a failed grid must not kill a training run
                 log.warning("sample grid at step %d failed: %s", self.step, err)
         dist.barrier()

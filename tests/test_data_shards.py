@@ -141,3 +141,26 @@ def test_sidecar_marks_finished_shards(tmp_path: Path) -> None:
     (tmp_path / "train-000000.tar").write_bytes(b"\0" * 512)  # a crash mid-copy: redo, do not trust
     assert shards.read_sidecar(tmp_path, "train-000000.tar", layout) is None
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_manifest_counts_samples_per_class_and_sidecars_keep_them(tmp_path: Path) -> None:
+    layout = moments_layout()
+    manifest = write_set(tmp_path, layout, torch.randn(13, *layout.shape).bfloat16())  # labels i % 3
+    assert manifest["class_counts"] == [5, 4, 4]
+    record = shards.read_sidecar(tmp_path, shards.shard_name("train", 0), layout)
+    assert record is not None and record.labels == {"0": 2, "1": 2, "2": 1}
+    old = shards.ShardRecord("x.tar", 1, 1, "0" * 64)  # a sidecar that did not record labels
+    assert shards.class_counts([record, old], 3) is None
+
+
+def test_skip_reasons_carry_no_object_addresses(tmp_path: Path) -> None:
+    """Reasons land in manifest.json, which must not depend on the process that read the file."""
+    from mdt_ds.data.imagenet import BadImage, load_image
+
+    (tmp_path / "empty.JPEG").write_bytes(b"")
+    for data in (b"", tmp_path / "empty.JPEG"):
+        with pytest.raises(BadImage, match=r"^empty file \(0 bytes\)$"):
+            load_image(data, 32, "x")
+    with pytest.raises(BadImage) as err:
+        load_image(b"not an image at all", 32, "x")
+    assert str(err.value) == "UnidentifiedImageError: cannot identify image file"

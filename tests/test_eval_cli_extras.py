@@ -135,3 +135,20 @@ def test_help_shows_defaults_and_every_command(command, defaults, capsys) -> Non
     if not command:
         usage = out.split("\n\n")[0]
         assert "REF.npz SAMPLE.npz" in usage and "ref SOURCE OUT.npz" in usage and "show NPZ" in usage
+
+
+def test_inception_download_is_refused_offline(monkeypatch) -> None:
+    """README: no download when HF_HUB_OFFLINE/MDT_OFFLINE is set, `--inception download` included."""
+    import urllib.request
+
+    import pytest
+
+    from mdt_ds.metrics import inception
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("tried the network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(inception.InceptionWeightsError, match="nothing is downloaded"):
+        inception.resolve_weights("download")

@@ -84,3 +84,11 @@ def test_resume_drops_stats_lines_after_the_checkpoint(tmp_path) -> None:
     assert drop_lines_after(stats, 3) == 3
     assert [line["step"] for line in map(json.loads, stats.read_text().splitlines())] == [1, 2, 3]
     assert drop_lines_after(stats, 3) == 0 and drop_lines_after(tmp_path / "none.jsonl", 0) == 0
+
+
+def test_summary_lines_fire_in_short_runs_too() -> None:
+    from mdt_ds.trainer import summary_interval
+
+    assert summary_interval(100, 400_000) == 1000  # every 10th logged step on a long run
+    assert summary_interval(1, 20) == 2 and summary_interval(1, 5) == 1  # ~10 lines on short ones
+    assert summary_interval(10, 50) == 10 and summary_interval(0, 10) == 1

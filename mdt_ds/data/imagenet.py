@@ -11,6 +11,7 @@ import glob
 import io
 import logging
 import os
+import re
 import tarfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -50,6 +51,9 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
 
 def load_image(data: bytes | str | Path, image_size: int, name: str) -> np.ndarray:
     """Decode (fully: a truncated file fails here, not later), convert to RGB, ADM-crop."""
+    size = len(data) if isinstance(data, bytes) else Path(data).stat().st_size
+    if size == 0:
+        raise BadImage("empty file (0 bytes)")
     try:
         source = io.BytesIO(data) if isinstance(data, bytes) else data
         with Image.open(source) as img:
@@ -57,7 +61,14 @@ def load_image(data: bytes | str | Path, image_size: int, name: str) -> np.ndarr
             rgb = img.convert("RGB")
         return center_crop_arr(rgb, image_size)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise BadImage(f"{err.__class__.__name__}: {err}") from err
+        raise BadImage(f"{err.__class__.__name__}: {strip_reprs(str(err))}") from err
+
+
+def strip_reprs(text: str) -> str:
+    """``cannot identify image file <_io.BytesIO object at 0x7f...>`` -> ``cannot identify image
+    file``: a repr's address differs per process, and the reason lands in manifest.json, which
+    must be byte-identical however many processes extracted it."""
+    return re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", text).strip()
 
 
 @dataclass(frozen=True)

@@ -240,27 +240,36 @@ class ShardRecord:
     bytes: int
     sha256: str
     skipped: list[dict[str, str]] = field(default_factory=list)
+    labels: dict[str, int] | None = None  # samples per label ("3": 51); None: not recorded
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "name": self.name,
             "samples": self.samples,
             "bytes": self.bytes,
             "sha256": self.sha256,
             "skipped": list(self.skipped),
         }
+        if self.labels is not None:
+            out["labels"] = dict(self.labels)
+        return out
 
 
-def tar_bytes(layout: SampleLayout, samples: Iterable[tuple[int, Any, int, str]]) -> tuple[bytes, int]:
-    """An in-memory tar of ``(index, array, label, key)`` samples; returns (bytes, count). Members get
-    fixed mtime/owner/mode so the bytes depend on the samples only."""
+def tar_bytes(
+    layout: SampleLayout, samples: Iterable[tuple[int, Any, int, str]], labels: dict[str, int] | None = None
+) -> tuple[bytes, int]:
+    """An in-memory tar of ``(index, array, label, key)`` samples; returns (bytes, count), and counts
+    the samples per label into ``labels``. Members get fixed mtime/owner/mode so the bytes depend
+    on the samples only."""
     import webdataset as wds
 
     buf = io.BytesIO()
     count = 0
+    labels = {} if labels is None else labels
     with wds.TarWriter(buf, user="mdt", group="mdt", mode=0o444, encoder=False, mtime=TAR_MTIME) as writer:
         for index, array, label, key in samples:
             writer.write({"__key__": f"{index:09d}", EXT: encode_sample(layout, array, label, key)})
+            labels[str(int(label))] = labels.get(str(int(label)), 0) + 1
             count += 1
     # Closing the writer flushes the end-of-archive blocks but leaves our BytesIO open.
     return buf.getvalue(), count
@@ -276,8 +285,10 @@ def write_shard(
 ) -> ShardRecord:
     """Write one shard atomically, then its sidecar ``<name>.json`` (the sidecar marks it finished)."""
     directory = Path(directory)
-    data, count = tar_bytes(layout, samples)
-    record = ShardRecord(name, count, len(data), hashlib.sha256(data).hexdigest(), list(skipped))
+    labels: dict[str, int] = {}
+    data, count = tar_bytes(layout, samples, labels)
+    labels = {k: labels[k] for k in sorted(labels, key=int)}
+    record = ShardRecord(name, count, len(data), hashlib.sha256(data).hexdigest(), list(skipped), labels)
     atomic_write(directory / name, data)
     if sidecar:
         side = dict(record.to_json(), fingerprint=layout.fingerprint, version=FORMAT_VERSION)
@@ -305,10 +316,23 @@ def read_sidecar(directory: str | Path, name: str, layout: SampleLayout) -> Shar
         )
     if tar.stat().st_size != data.get("bytes"):
         return None
-    return ShardRecord(data["name"], data["samples"], data["bytes"], data["sha256"], data.get("skipped", []))
+    return ShardRecord(data["name"], data["samples"], data["bytes"], data["sha256"], data.get("skipped", []),
+                       data.get("labels"))
 
 
 # --------------------------------------------------------------------------- manifest
+def class_counts(records: Sequence[ShardRecord], num_classes: int) -> list[int] | None:
+    """Samples per class label (index = label) over all shards; None if a shard did not record them."""
+    if any(r.labels is None for r in records):
+        return None
+    counts = [0] * num_classes
+    for record in records:
+        for label, n in (record.labels or {}).items():
+            if 0 <= int(label) < num_classes:
+                counts[int(label)] += n
+    return counts
+
+
 def build_manifest(
     layout: SampleLayout,
     records: Sequence[ShardRecord],
@@ -332,7 +356,8 @@ def build_manifest(
         "samples_per_shard": samples_per_shard,
         "num_samples": sum(r.samples for r in records),
         "num_shards": len(records),
-        "shards": [{k: v for k, v in r.to_json().items() if k != "skipped"} for r in records],
+        "shards": [{k: v for k, v in r.to_json().items() if k not in ("skipped", "labels")} for r in records],
+        "class_counts": class_counts(records, len(classes)),
         "num_skipped": len(skipped),
         "skipped": skipped,
     }

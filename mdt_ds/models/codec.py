@@ -74,7 +74,9 @@ class VAECodec:
 
         repo = SD_VAE_IDS.get(source, source)
         try:
-            vae = AutoencoderKL.from_pretrained(repo, torch_dtype=dtype)
+            # low_cpu_mem_usage=False: the meta-device init needs `accelerate` (not a dependency);
+            # diffusers would otherwise print a multi-line "accelerate was not found" block.
+            vae = AutoencoderKL.from_pretrained(repo, torch_dtype=dtype, low_cpu_mem_usage=False)
         except (OSError, ValueError) as err:
             offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
             hint = "HF_HUB_OFFLINE is set, so nothing is downloaded. " if offline else ""

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from mdt_ds.clihelp import HelpFormatter
 from mdt_ds.config import ConfigError
 
 HF_PREFIX = "hf://"
@@ -114,7 +115,7 @@ def consolidate(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a checkpoints/step_XXXXXXX directory")
     parser.add_argument("output", type=Path, help="output .pt or .safetensors")
     parser.add_argument("--ema", action="store_true", help="take the EMA snapshot of that step")

@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -44,9 +45,19 @@ from mdt_ds.models.codec import CodecError, load_codec
 log = logging.getLogger("mdt_ds.extract")
 
 
+def default_workers() -> int:
+    """Up to 4 decoding processes, never more than the CPUs we may run on (more only makes torch's
+    DataLoader warn and the processes compete)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cpus))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from mdt_ds.clihelp import HelpFormatter
+
     p = argparse.ArgumentParser(
-        prog="mdt-extract-latents", description="ImageNet-style images -> VAE-moment (or pixel) shards + manifest.json."
+        prog="mdt-extract-latents", description="ImageNet-style images -> VAE-moment (or pixel) shards + manifest.json.",
+        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--input",
@@ -62,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image-size", type=int, default=256, help="ADM centre crop size (256 or 512)")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=64, help="images per VAE call (the flips double it)")
-    p.add_argument("--workers", type=int, default=4, help="image decoding processes per rank (0: in-process)")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="image decoding processes per rank (0: in-process); default min(4, CPUs this process may use)")
     p.add_argument(
         "--dtype",
         choices=("float16", "bfloat16"),

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from mdt_ds import dist
+from mdt_ds.clihelp import HelpFormatter
 from mdt_ds.config import ConfigError, ModelConfig
 from mdt_ds.tools.sample_inputs import SampleError, choose_codec, load_model, load_state, model_config, run_config_file
 
@@ -272,7 +273,7 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="mdt-sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="mdt-sample", description=__doc__, formatter_class=HelpFormatter
     )
     _add_input_args(p)
     p.add_argument("--num-samples", type=int, default=50_000)

@@ -1,0 +1,15 @@
+"""The --help layout every mdt-* CLI shares: the description as written and every default shown."""
+
+from __future__ import annotations
+
+import argparse
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and every default in --help; a None default means "derived"
+    and its help says from what, so "(default: None)" is left off (as are store_true flags)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is argparse.SUPPRESS or action.const is True:
+            return action.help or ""
+        return super()._get_help_string(action)

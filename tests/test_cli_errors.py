@@ -1,0 +1,119 @@
+"""Expected user errors are one line with exit code 2, before anything is built: the model
+against the data (shape, channels, classes; ``auto`` from the manifest), optimizer values named
+by key, batch advice that works, and the same line and code through plain python, torchrun and
+the deepspeed launcher (under mdt-launch)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from mdt_ds.config import ConfigError, TrainConfig, apply_overrides, resolve_batch
+from mdt_ds.dist import free_port
+from tests.conftest import PYTHON, REPO, subprocess_env
+
+pytestmark = pytest.mark.trainer
+
+TINY = ["model.preset=MDTv2-Tiny/2", "model.input_size=16", "model.in_channels=1", "data.source=mnist16",
+        "data.num_workers=0", "global_batch=8", "steps=1"]
+
+
+def env() -> dict[str, str]:
+    return subprocess_env(MDT_DS_DATA=str(REPO / ".cache" / "data"))
+
+
+def config(*overrides: str) -> TrainConfig:
+    return apply_overrides(TrainConfig(), [*TINY, *overrides])
+
+
+def test_the_model_is_checked_against_the_manifest() -> None:
+    from mdt_ds.data.compat import fit_model_to_data
+
+    assert fit_model_to_data(config()).model.input_size == 16
+    cases = {
+        "model.input_size=8": r"holds 1x16x16 samples \(pixel\) of 10 classes, but model.input_size=8 "
+                              r"\(set model.input_size=16 or auto\)",
+        "model.in_channels=4": r"model.in_channels=4 \(set model.in_channels=1 or auto\)",
+        "model.num_classes=2": r"model.num_classes=2 is fewer than the data's labels \(set model.num_classes=10",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            fit_model_to_data(config(override))
+    fitted = fit_model_to_data(config("model.input_size=auto", "model.in_channels=auto", "model.num_classes=auto"))
+    assert (fitted.model.input_size, fitted.model.in_channels, fitted.model.num_classes) == (16, 1, 10)
+    with pytest.raises(ConfigError, match="input_size=auto is resolved from the data"):
+        config("model.input_size=auto").model.model_kwargs()  # never built unresolved
+    with pytest.raises(ConfigError, match="data.source: .*neither a shard directory"):
+        fit_model_to_data(config("data.source=/nonexistent/shards"))
+
+
+def test_optimizer_values_and_batch_advice_name_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"optim.lr must be >= 0, got -0.001"):
+        config("optim.lr=-1e-3")
+    with pytest.raises(ConfigError, match=r"optim.betas must each be in \[0, 1\)"):
+        config("optim.betas=[0.9,1.5,0.99]")
+    with pytest.raises(ConfigError, match=r"does not split over 2 processes.*global_batch=6 or 8"):
+        resolve_batch(config("global_batch=7"), 2)
+    assert resolve_batch(config("global_batch=8"), 2) == (4, 1)  # the advice works
+
+
+def test_dry_run_catches_the_mismatch_in_one_line(tmp_path: Path) -> None:
+    cmd = [PYTHON, "-m", "mdt_ds.train", *TINY, f"run_dir={tmp_path}", "model.input_size=8", "--dry-run"]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines()[-1].startswith("mdt-train: config error: the model (MDTv2-Tiny/2)")
+    assert "Traceback" not in proc.stderr
+
+
+LAUNCHERS = {
+    "python": lambda: [PYTHON, "-m", "mdt_ds.train"],
+    "torchrun": lambda: [PYTHON, "-m", "mdt_ds.supervise", "--", PYTHON, "-m", "torch.distributed.run",
+                         "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                         f"--master_port={free_port()}", "-m", "mdt_ds.train"],
+    "deepspeed": lambda: [PYTHON, "-m", "mdt_ds.supervise", "--", str(Path(PYTHON).parent / "deepspeed"),
+                          "--num_gpus", "2", "--master_port", str(free_port()), "--module", "mdt_ds.train"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_a_config_error_is_one_line_and_exit_2_through_every_launcher(tmp_path: Path, launcher: str) -> None:
+    """4 classes of data, 2 in the model (num_classes=2 of 10 here): every rank stops before
+    building anything; rank 0 alone prints the line; the exit code is 2, not torchrun's 1."""
+    cmd = [*LAUNCHERS[launcher](), *TINY, f"run_dir={tmp_path / 'run'}", "model.num_classes=2"]
+    proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=180, cwd=REPO)
+    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "mdt-train: config error" in line]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert len(lines) == 1 and "model.num_classes=2 is fewer than the data's labels" in lines[0], lines
+    assert not (tmp_path / "run" / "config.json").exists()  # refused before the run dir was written
+
+
+def test_help_lists_config_sections_defaults_and_dry_run(capsys: pytest.CaptureFixture) -> None:
+    from mdt_ds.train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "config sections" in text and "optim: name='adan', lr=0.0003" in text and "data: source='mnist16'" in text
+    assert "--dry-run" in text.split("config sections")[1] and re.search(r"\(default:\s+\[\]\)", text)
+
+
+def test_extraction_workers_default_to_the_cpus_available() -> None:
+    import os
+
+    from mdt_ds.tools.extract_latents import default_workers, parse_args
+
+    assert default_workers() == max(1, min(4, len(os.sched_getaffinity(0))))
+    assert parse_args(["--input", "x", "--output", "y"]).workers == default_workers()
+
+
+def test_loading_a_vae_prints_no_accelerate_block(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+    from mdt_ds.models.codec import VAECodec, load_codec
+
+    load_codec("tiny-random").vae.save_pretrained(str(tmp_path))
+    capfd.readouterr()
+    VAECodec.from_pretrained(str(tmp_path))
+    out = capfd.readouterr()
+    assert "accelerate" not in out.out + out.err
