@@ -412,6 +412,7 @@ def bare_trainer(tmp_path: Path, *overrides: str, objective=None, device: str = 
     trainer.macs_per_image, trainer.peak_flops, trainer.peak_source = 1.0, 1e12, "test"
     trainer.monitor, trainer.last_ckpt = FakeMonitor(), None
     trainer.disk = {"checkpoint": 0, "snapshot": 0}
+    trainer.resume_meta = {}
     trainer.loader = type("FakeLoader", (), {"skipped_samples": 0, "position": lambda self, step: {"step": step}})()
     if device == "cpu":
         trainer._reset_guards()
