@@ -113,15 +113,18 @@ def register_worker(rank: int | None = None) -> Path | None:
     return path
 
 
-def report_exit(code: int) -> None:
+def report_exit(code: int) -> bool:
     """Write this worker's intended exit status for the supervisor: the launchers turn an exit 3
-    (preempted) into 1 (torchrun) or lose it when they kill the other ranks; the file keeps it."""
+    (preempted) into 1 (torchrun) or lose it when they kill the other ranks; the file keeps it.
+    True when the supervisor has it."""
     folder = os.environ.get(EXIT_DIR_VAR)
     if folder:
         try:
             _write_atomic(Path(folder) / f"exit.{os.getpid()}", f"{int(code)}\n")
+            return True
         except OSError as err:
             log.warning("cannot report exit status %d to the launcher supervisor: %s", code, err)
+    return False
 
 
 def _write_atomic(path: Path, text: str) -> None:

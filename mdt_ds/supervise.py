@@ -17,7 +17,10 @@ What it does:
 - is a child subreaper (``PR_SET_CHILD_SUBREAPER``): workers orphaned by a dying launcher are
   re-parented to it, stay visible as descendants and are never left running;
 - each ``mdt-train`` worker registers its pid there and writes its intended exit status
-  (:func:`mdt_ds.preemption.register_worker` / :func:`~mdt_ds.preemption.report_exit`);
+  (:func:`mdt_ds.preemption.register_worker` / :func:`~mdt_ds.preemption.report_exit`); for 2
+  (a user error it printed) and 3 (preempted) it then exits 0 to the launcher, so torchrun and
+  the deepspeed launcher print no failure report; a worker still running ``LINGER_S`` after a
+  peer reported gets SIGTERM (it would wait for the peer until the process-group timeout);
 - SIGUSR1 and SIGUSR2 (Slurm's warnings) are forwarded as SIGUSR1, SIGTERM and a first SIGINT as
   SIGTERM, to the registered workers only (not to the launcher, which would kill them; not to
   data-loader processes, for which SIGUSR1 is fatal). A worker that registers later gets the
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import math
 import os
 import shutil
 import signal
@@ -49,6 +53,7 @@ from mdt_ds.preemption import EXIT_DIR_VAR
 
 EXIT_PREEMPTED = 3
 EXIT_USAGE = 2  # mdt-train: a user error it named in one line
+LINGER_S = 60.0  # see Supervisor.stop_lingering
 PR_SET_CHILD_SUBREAPER = 36
 FORWARD = {
     signal.SIGUSR1: signal.SIGUSR1,
@@ -175,9 +180,14 @@ class Supervisor:
             except OSError as err:
                 say(f"cannot start {self.command[0]}: {err}")
                 return 127
+            first_report: float | None = None
             while self.child.poll() is None:
                 self.deliver()
                 self.reap_orphans()
+                first_report = first_report or (time.monotonic() if self.reported() else None)
+                if first_report and time.monotonic() - first_report > LINGER_S:
+                    self.stop_lingering()
+                    first_report = math.inf
                 time.sleep(POLL_S)
             self.deliver()
             rc = self.child.returncode
@@ -187,6 +197,17 @@ class Supervisor:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
             shutil.rmtree(self.exit_dir, ignore_errors=True)
+
+    def stop_lingering(self) -> None:
+        """A worker exited with a reported code (workers exit 0 to the launcher then, see
+        mdt_ds.train.main) but others still run: they meet the same stop at the same point, so one
+        still running LINGER_S later waits for a peer that is gone. SIGTERM them."""
+        left = [pid for pid in self.workers() if not (self.exit_dir / f"exit.{pid}").exists()]
+        if left:
+            say(f"worker(s) {left} still running {LINGER_S:.0f} s after another reported its exit: SIGTERM")
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
 
     def finish_leftovers(self, subreaper: bool) -> None:
         """The launcher is gone; its workers must not outlive this process."""

@@ -21,6 +21,7 @@ from mdt_ds.preemption import StopFlag
 log = logging.getLogger("mdt_ds.train")
 
 EXIT_PREEMPTED = 3
+EXIT_USAGE = 2  # a user error, named in one line
 # Keys that may change between a run and its resume (how long and how chatty, not what).
 # run_dir is where a run lives, not what it is: a moved run directory resumes.
 RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "sample_every", "force_resume", "max_bad_steps", "init_from",
@@ -151,12 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     if preemption.under_launcher():
         preemption.watch_launcher()
     code = 1  # an exception escapes: the launcher sees 1 too
+    reported = False
     try:
         code = _main(argv)
     finally:
-        preemption.report_exit(code)
+        reported = preemption.report_exit(code)
         preemption.disarm(previous)
-    return code
+    # Under mdt-launch the code travels in the exit file. Exiting 0 for these two (every rank
+    # meets them alike: agreed stops, agreed config checks) keeps torchrun and the deepspeed
+    # launcher from printing their failure report over the one-line message.
+    return 0 if reported and code in (EXIT_USAGE, EXIT_PREEMPTED) else code
 
 
 def _user_errors() -> dict[type, int]:

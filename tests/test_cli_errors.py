@@ -87,6 +87,9 @@ def test_a_config_error_is_one_line_and_exit_2_through_every_launcher(tmp_path: 
     lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "mdt-train: config error" in line]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert len(lines) == 1 and "model.num_classes=2 is fewer than the data's labels" in lines[0], lines
+    # no launcher failure report either: under mdt-launch the workers exit 0 and the code travels
+    # in the exit file (torchrun would print a ChildFailedError traceback for an exit 2)
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "run" / "config.json").exists()  # refused before the run dir was written
 
 

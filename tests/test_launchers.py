@@ -105,6 +105,7 @@ def preempt_through(
 
 def assert_preempted(rc: int, output: str, run_dir: Path, seen: set[int]) -> None:
     assert rc == 3, output[-5000:]
+    assert "ChildFailedError" not in output  # the launcher saw clean exits; the 3 came by file
     ckpts = sorted((run_dir / "checkpoints").glob("step_*/meta.json"))
     assert ckpts, output[-5000:]
     meta = json.loads(ckpts[-1].read_text())
