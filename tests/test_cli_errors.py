@@ -120,3 +120,12 @@ def test_loading_a_vae_prints_no_accelerate_block(tmp_path: Path, capfd: pytest.
     VAECodec.from_pretrained(str(tmp_path))
     out = capfd.readouterr()
     assert "accelerate" not in out.out + out.err
+
+
+def test_a_missing_data_set_or_weights_file_is_one_line(tmp_path: Path) -> None:
+    for override, message in ((f"data.source={tmp_path / 'nope'}", "data.source: data source"),
+                              (f"init_from={tmp_path / 'w.pt'}", "does not exist")):
+        cmd = [PYTHON, "-m", "mdt_ds.train", *TINY, f"run_dir={tmp_path / 'run'}", override]
+        proc = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=120, cwd=REPO)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert message in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
