@@ -48,6 +48,13 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 PYTHON = sys.executable
 
+# The tiny run most trainer-level tests train: MDTv2-Tiny/2 on the embedded 16x16 MNIST digits.
+TINY_RUN = [
+    "model.preset=MDTv2-Tiny/2", "model.input_size=16", "model.in_channels=1", "data.source=mnist16",
+    "data.num_workers=0", "data.shuffle_buffer=64", "global_batch=8", "log_every=1", "ema_decay=0.9",
+    "optim.lr=1e-3",
+]
+
 
 def torchrun_command(nproc: int, *args: str) -> list[str]:
     """``python -m torch.distributed.run`` on one node with a free rendezvous port."""

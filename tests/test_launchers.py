@@ -14,26 +14,16 @@ import pytest
 
 from mdt_ds.dist import free_port
 from mdt_ds.supervise import descendants
-from tests.conftest import PYTHON, REPO, subprocess_env
+from tests.conftest import PYTHON, REPO, TINY_RUN, subprocess_env
 
 pytestmark = pytest.mark.trainer
 
-TINY = [
-    "model.preset=MDTv2-Tiny/2",
-    "model.input_size=16",
-    "model.in_channels=1",
-    "data.source=mnist16",
-    "data.num_workers=0",
-    "data.shuffle_buffer=64",
-    "global_batch=8",
-    "log_every=1",
-    "ema_decay=0.9",
-    "optim.lr=1e-3",
-    "precision=fp32",
-    "zero_stage=1",
-    "steps=100000",
-    "ckpt_every=100000",
-]
+TINY = [*TINY_RUN, "precision=fp32", "zero_stage=1", "steps=100000", "ckpt_every=100000"]
+
+
+def torchrun_launcher() -> list[str]:
+    return [PYTHON, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}", "-m", "mdt_ds.train"]
 
 
 def child_env() -> dict[str, str]:
@@ -117,17 +107,7 @@ def assert_preempted(rc: int, output: str, run_dir: Path, seen: set[int]) -> Non
 def test_torchrun_preemption_exits_3(tmp_path: Path) -> None:
     """SIGUSR1 to the supervisor: forwarded to both workers; torchrun would say 1, we say 3."""
     run_dir = tmp_path / "run"
-    launcher = [
-        PYTHON,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "-m",
-        "mdt_ds.train",
-    ]
+    launcher = torchrun_launcher()
     rc, output, seen = preempt_through(launcher, run_dir)
     assert_preempted(rc, output, run_dir, seen)
     assert output.count("forwarded SIGUSR1") == 2
@@ -155,17 +135,7 @@ def test_bare_torchrun_killed_by_usr1_leaves_no_worker_training(tmp_path: Path) 
     own sessions, notice the launcher is gone, checkpoint together and exit instead of training on.
     (A torchrun killed by SIGKILL under the supervisor ends its workers the same way.)"""
     run_dir = tmp_path / "run"
-    launcher = [
-        PYTHON,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes=1",
-        "--nproc_per_node=2",
-        "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}",
-        "-m",
-        "mdt_ds.train",
-    ]
+    launcher = torchrun_launcher()
     rc, output, seen = preempt_through(launcher, run_dir, supervised=False)
     assert rc == 128 + signal.SIGUSR1 or rc == -signal.SIGUSR1, output[-3000:]
     assert not [pid for pid in seen if alive(pid)], output[-3000:]

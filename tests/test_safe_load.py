@@ -14,24 +14,9 @@ import pytest
 import torch
 
 from mdt_ds.safe_load import UnsafeCheckpointError, deepspeed_weights_only
-from tests.conftest import PYTHON, REPO, subprocess_env
+from tests.conftest import PYTHON, REPO, TINY_RUN, subprocess_env
 
-TINY = [
-    "model.preset=MDTv2-Tiny/2",
-    "model.input_size=16",
-    "model.in_channels=1",
-    "data.source=mnist16",
-    "data.num_workers=0",
-    "data.shuffle_buffer=64",
-    "global_batch=8",
-    "log_every=1",
-    "ema_decay=0.9",
-    "optim.lr=1e-3",
-    "precision=fp32",
-    "zero_stage=1",
-    "steps=1",
-    "ckpt_every=1",
-]
+TINY = [*TINY_RUN, "precision=fp32", "zero_stage=1", "steps=1", "ckpt_every=1"]
 MODEL_FILE = "mp_rank_00_model_states.pt"
 OPTIM_FILE = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
 

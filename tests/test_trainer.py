@@ -16,15 +16,11 @@ import torch
 
 from mdt_ds.config import ConfigError, TrainConfig, apply_overrides, deepspeed_config, resolve_batch
 from mdt_ds.dist import free_port
-from tests.conftest import PYTHON, REPO, subprocess_env, torchrun_command
+from tests.conftest import PYTHON, REPO, TINY_RUN, subprocess_env, torchrun_command
 
 pytestmark = pytest.mark.trainer
 
-TINY = [
-    "model.preset=MDTv2-Tiny/2", "model.input_size=16", "model.in_channels=1", "data.source=mnist16",
-    "data.num_workers=0", "data.shuffle_buffer=64", "global_batch=8", "log_every=1", "ema_decay=0.9",
-    "optim.lr=1e-3",
-]
+TINY = TINY_RUN
 
 
 def child_env() -> dict[str, str]:
