@@ -268,8 +268,10 @@ def test_batch_arithmetic_errors_are_clear() -> None:
     cfg = apply_overrides(TrainConfig(), ["global_batch=256"])
     assert resolve_batch(cfg, 8) == (32, 1)
     assert resolve_batch(apply_overrides(cfg, ["micro_batch=8"]), 8) == (8, 4)
-    with pytest.raises(ConfigError, match="global_batch=256 is not micro_batch"):
+    with pytest.raises(ConfigError, match=r"global_batch=256 does not split over 6 processes.*252 or 258"):
         resolve_batch(cfg, 6)
+    with pytest.raises(ConfigError, match="global_batch=256 is not micro_batch"):
+        resolve_batch(apply_overrides(cfg, ["micro_batch=24"]), 2)  # 48 does not divide 256
     ds = deepspeed_config(apply_overrides(cfg, ["micro_batch=16", "precision=fp16", "zero_stage=3"]), 4)
     assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (256, 16, 4)
     assert ds["fp16"]["enabled"] and not ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 3
