@@ -31,8 +31,10 @@ test: venv
 test-core: venv
 	$(VPY) -m pytest -q -m core tests
 
+# DEMO_ARGS passes options through, e.g. make demo DEMO_ARGS="--seed 1" (python -m mdt_ds.demo -h).
+DEMO_ARGS ?=
 demo: venv
-	$(VPY) -m mdt_ds.demo
+	$(VPY) -m mdt_ds.demo $(DEMO_ARGS)
 
 lint: venv
 	$(VPY) -m ruff check mdt_ds tests eval benchmarks slurm

@@ -219,7 +219,8 @@ def _main(argv: list[str] | None) -> int:
         return EXIT_PREEMPTED
     if result.get("already_done"):
         return 0
-    return 0 if math.isfinite(result.get("loss", 0.0)) else 1
+    loss = result.get("loss")
+    return 0 if loss is None or math.isfinite(loss) else 1
 
 
 if __name__ == "__main__":

@@ -58,6 +58,10 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN/inf; the message names the step, the terms and the last checkpoint."""
 
 
+STOP_WORDS = {"preempted": "stopped (preempted; rerun to resume)",
+              "budget": "stopped by time_budget_min (rerun to continue)"}
+
+
 def summary_interval(log_every: int, steps: int) -> int:
     """Steps between the console's summary lines: every 10th logged step on long runs, and about
     10 lines in all on short ones (which at every-10th would never print one)."""
@@ -303,7 +307,7 @@ class Trainer:
             return {"step": self.step, "preempted": False, "run_dir": str(self.run_dir), "loss": math.nan,
                     "already_done": True, "zero_stage": self.engine.zero_optimization_stage(),
                     "world_size": self.env.world_size}
-        preempted = False
+        preempted, stop = False, ""
         self._window = (time.perf_counter(), 0)
         while self.step < cfg.steps:
             stop = self.one_step()
@@ -324,18 +328,20 @@ class Trainer:
         self.save(snapshot=not preempted)
         if not preempted and cfg.sample_every and self.step % cfg.sample_every:
             self.sample_grid()
-        self.monitor.text(self.final_summary(preempted))
+        self.monitor.text(self.final_summary("preempted" if preempted else stop or ""))
         self.monitor.close()
         if preempted:
             log.warning("stopped by signal at step %d after saving %s", self.step, self.last_ckpt)
         return {
             "step": self.step, "preempted": preempted, "run_dir": str(self.run_dir),
-            "loss": self.last_scalars.get("loss", math.nan), "zero_stage": self.engine.zero_optimization_stage(),
+            # None: no step logged yet (a budget stop before the first logging step is no failure)
+            "loss": self.last_scalars.get("loss"), "zero_stage": self.engine.zero_optimization_stage(),
             "world_size": self.env.world_size,
         }
 
-    def final_summary(self, preempted: bool) -> str:
-        """What a person wants at the end of a run: where it stands and where its outputs are."""
+    def final_summary(self, stop: str = "") -> str:
+        """What a person wants at the end of a run: where it stands, why it stopped ("preempted",
+        "budget": time_budget_min, or "" for all steps done) and where its outputs are."""
         def newest(folder: str, pattern: str) -> str:
             found = sorted((self.run_dir / folder).glob(pattern))
             return str(found[-1]) if found else "none"
@@ -343,7 +349,7 @@ class Trainer:
         loss = self.last_scalars.get("loss")
         minutes = (time.time() - self.started) / 60
         return "\n".join([
-            f"{'stopped (preempted)' if preempted else 'done'}: step {self.step} of {self.cfg.steps}, last loss "
+            f"{STOP_WORDS.get(stop, 'done')}: step {self.step} of {self.cfg.steps}, last loss "
             f"{'n/a' if loss is None else f'{loss:.4f}'}, {minutes:.1f} min in this launch",
             f"  checkpoint   {self.last_ckpt or 'none'}",
             f"  EMA snapshot {newest('snapshots', 'ema_*')}",

@@ -552,7 +552,8 @@ def test_a_run_ends_with_a_summary_of_where_its_outputs_are(tmp_path: Path) -> N
     for step in (4, 8):
         (tmp_path / "snapshots" / f"ema_{step:07d}.pt").write_bytes(b"")
     tr.step, tr.last_ckpt, tr.last_scalars = 8, tmp_path / "checkpoints" / "step_0000008", {"loss": 0.25}
-    lines = tr.final_summary(preempted=False).splitlines()
+    assert tr.final_summary("budget").startswith("stopped by time_budget_min (rerun to continue): step 8 of 8")
+    lines = tr.final_summary().splitlines()
     assert lines[0].startswith("done: step 8 of 8, last loss 0.2500")
     assert lines[1].endswith("step_0000008") and lines[2].endswith("ema_0000008.pt") and lines[3].endswith("none")
     assert f"tensorboard --logdir {tmp_path / 'tensorboard'}" in lines[4]
