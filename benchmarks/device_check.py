@@ -10,7 +10,8 @@ failure loses nothing else; $OUT gets part_<x>.json and summary.json only, five 
      step 10 and a resume, bit-exact under torch.use_deterministic_algorithms(True) with
      CUBLAS_WORKSPACE_CONFIG=:4096:8 (its cost measured), within a tolerance otherwise
   b  XL/2 bf16 training img/s, MFU and memory at micro-batch 32: best settings and release-like
-  c  the sampler's img/s for XL/2, 250-step DDPM with CFG
+  c  the sampler's img/s for XL/2, 250-step DDPM with CFG, and the few-step solvers (DPM-Solver++(2M)
+     20 steps with and without interval guidance, Heun 10 steps)
   d  SD-VAE (sd-vae-ft-mse architecture, random weights) encode img/s
 """
 
@@ -311,7 +312,8 @@ def part_b(args: argparse.Namespace, device: torch.device, deadline: float) -> d
 
 def part_c(args: argparse.Namespace, device: torch.device, deadline: float) -> dict:
     preset = "MDTv2-Tiny/2" if args.quick else "MDTv2-XL/2"
-    argv = ["--preset", preset, "--batch-size", "8", "--images", "8", "--configs", "ddpm250:4.0",
+    configs = "ddpm250:4.0,dpm++2m20:4.0,dpm++2m20:4.0:0-500,heun10:4.0"
+    argv = ["--preset", preset, "--batch-size", "8", "--images", "8", "--configs", configs,
             "--repeats", "1" if args.quick else "2", "--device", str(device)]
     # Time a few steps and extrapolate to 250 (the JSON says so): a full 250-step run twice
     # would not fit the part's limit.

@@ -9,9 +9,10 @@ with per-image seeds exactly as ``eval/sample_ddp.py`` samples (random weights: 
     python benchmarks/sampler.py --preset MDTv2-XL/2 --batch-size 8 --images 8 --configs ddpm250:3.8 \
         --time-steps 25 --repeats 2
 
-``--configs`` lists SAMPLER+STEPS:CFG items (default: DDIM-50 and DDPM-250, with and without
-CFG). ``--time-steps N`` runs N denoising steps per image and scales the rate to the configured
-step count (every step is one forward of the same batch; the JSON marks it ``extrapolated``).
+``--configs`` lists SAMPLER+STEPS:CFG[:LO-HI] items (SAMPLER: ddpm, ddim, dpm++2m, heun; LO-HI: the
+guidance interval in original timesteps). Default: DDIM-50 and DDPM-250 with and without CFG, and
+the few-step solvers. ``--time-steps N`` runs N steps per image and scales the rate by network evaluations to
+the configured step count (each is one forward of the same batch; the JSON marks it ``extrapolated``).
 On CUDA, TF32 is on for the whole process unless ``--no-tf32`` (as the release samples).
 Latents only unless ``--decode CODEC`` adds the VAE decode. Prints one JSON object and writes it
 to --out if given.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -29,39 +31,40 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mdt_ds.diffusion import create_diffusion  # noqa: E402
 from mdt_ds.models import build_model  # noqa: E402
 from mdt_ds.monitor import device_name  # noqa: E402
 from mdt_ds.sampling import SampleOptions, generate, image_seed, sample_labels  # noqa: E402
 
-DEFAULT_CONFIGS = "ddim50:1,ddim50:1.5,ddpm250:1,ddpm250:1.5"
+DEFAULT_CONFIGS = "ddim50:1,ddim50:1.5,ddpm250:1,ddpm250:1.5,dpm++2m20:1.5,dpm++2m20:1.5:0-600,heun10:1.5"
 
 
 
 
-def parse_config(item: str) -> tuple[str, int, float]:
-    spec, cfg = item.split(":")
-    sampler = "ddim" if spec.startswith("ddim") else "ddpm"
-    return sampler, int(spec[len(sampler) :]), float(cfg)
+def parse_config(item: str) -> tuple[str, int, float, tuple[int, int] | None]:
+    """``SAMPLER+STEPS:CFG[:LO-HI]``, e.g. ``ddpm250:3.8`` or ``dpm++2m10:3.8:0-600`` (guidance
+    only on original timesteps 0..600)."""
+    parts = item.split(":")
+    match = re.fullmatch(r"(ddpm|ddim|dpm\+\+2m|heun)(\d+)", parts[0])
+    if match is None or len(parts) not in (2, 3):
+        raise SystemExit(f"--configs item {item!r}: expected SAMPLER+STEPS:CFG[:LO-HI], e.g. dpm++2m10:3.8:0-600")
+    interval = tuple(int(v) for v in parts[2].split("-")) if len(parts) == 3 else None
+    return match.group(1), int(match.group(2)), float(parts[1]), interval
 
 
-def bench_one(model, codec, sampler: str, steps: int, cfg: float, args, device: torch.device) -> dict:
+def bench_one(model, codec, sampler: str, steps: int, cfg: float, interval, args, device: torch.device) -> dict:
     """Images per second of one sampler setting (best and median of ``args.repeats``)."""
     timed_steps = min(args.time_steps or steps, steps)
-    options = SampleOptions(cfg_scale=cfg, sampler=sampler, steps=timed_steps, autocast=args.autocast)
-    diffusion = create_diffusion(options.respacing())
+    full = SampleOptions(cfg_scale=cfg, sampler=sampler, steps=steps, cfg_interval=interval)
+    options = SampleOptions(cfg_scale=cfg, sampler=sampler, steps=timed_steps, cfg_interval=interval,
+                            autocast=args.autocast)
+    diffusion = options.diffusion()
+    counted: dict = {}
 
     def run(indices: list[int]) -> None:
         labels = sample_labels(indices, model.num_classes, 0)
         latents = generate(
-            model,
-            diffusion,
-            labels,
-            [image_seed(0, i) for i in indices],
-            cfg_scale=cfg,
-            sampler=sampler,
-            device=device,
-            autocast_dtype=options.autocast_dtype(),
+            model, diffusion, labels, [image_seed(0, i) for i in indices], cfg_scale=cfg, sampler=sampler,
+            cfg_interval=interval, device=device, autocast_dtype=options.autocast_dtype(), stats=counted,
         )
         if codec is not None:
             codec.decode(latents)
@@ -77,12 +80,16 @@ def bench_one(model, codec, sampler: str, steps: int, cfg: float, args, device: 
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    # Each step costs one forward of the same batch, so the rate scales with timed/configured steps
-    # (the decode, when on, is a one-off per image and is scaled too: a small underestimate).
-    rates = sorted(args.images / t * timed_steps / steps for t in times)
+    # Every network evaluation costs one forward of the same batch (a guided one, of the doubled
+    # batch), so the rate scales with timed / configured evaluations (the decode, when on, is a
+    # one-off per image and is scaled too: a small underestimate).
+    scale = counted["network_calls_per_image"] / full.network_calls()
+    rates = sorted(args.images / t * scale for t in times)
     return {
         "sampler": sampler,
         "steps": steps,
+        "timesteps": full.respacing(),
+        "cfg_interval": list(interval) if interval else None,
         "timed_steps": timed_steps,
         "extrapolated": timed_steps != steps,
         "cfg_scale": cfg,
@@ -90,7 +97,7 @@ def bench_one(model, codec, sampler: str, steps: int, cfg: float, args, device: 
         "repeats": args.repeats,
         "images_per_second_best": round(rates[-1], 3),
         "images_per_second_median": round(rates[len(rates) // 2], 3),
-        "forward_passes_per_image": steps * (2 if cfg > 1 else 1),
+        "network_calls_per_image": full.network_calls(),
     }
 
 

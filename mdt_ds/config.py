@@ -92,11 +92,23 @@ class DiffusionConfig:
 
     num_timesteps: int = 1000
     min_snr_gamma: float = 5.0  # Min-SNR weight min(SNR, gamma) / SNR on the mse term
-    sample_steps: str = "250"  # respacing for sampling: "250" or "ddim50"
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    # How the training grids (sample_steps steps) and the in-training FID (fid_steps) sample;
+    # mdt-sample has its own flags. See mdt_ds.sampling.SampleOptions.
+    sampler: Literal["ddpm", "ddim", "dpm++2m", "heun"] = "ddim"
+    sample_steps: int = 25
+    sample_spacing: Literal["auto", "time", "ddim", "logsnr"] = "auto"
     cfg_scale: float = 1.0  # 1.0 = no guidance
     cfg_pow: float = 4.0
     guide_channels: Literal["release", "all"] = "release"
+    cfg_interval: list[int] = field(default_factory=list)  # [LO, HI]: guide only at timesteps LO..HI; []: all
+
+    def __post_init__(self) -> None:
+        if self.sample_steps < 1:
+            raise ConfigError(f"diffusion.sample_steps must be at least 1, got {self.sample_steps}")
+        interval = self.cfg_interval
+        if interval and (len(interval) != 2 or not 0 <= interval[0] <= interval[1] < self.num_timesteps):
+            raise ConfigError(f"diffusion.cfg_interval must be [LO, HI] with 0 <= LO <= HI < "
+                              f"{self.num_timesteps}, or [] for every step; got {interval}")
 
 
 @dataclass
@@ -171,7 +183,7 @@ class TrainConfig:
     sample_every: int = 0  # 0: no sample grids during training
     max_bad_steps: int = 0  # NaN/inf steps skipped before the run stops
     # In-training FID of the EMA model (off by default): every fid_every steps, fid_images
-    # samples (DDIM fid_steps, diffusion.cfg_scale) against the reference batch fid_ref (.npz).
+    # samples (diffusion.sampler, fid_steps steps, diffusion.cfg_scale) against the reference batch fid_ref (.npz).
     fid_every: int = 0
     fid_ref: str = ""
     fid_images: int = 2000
@@ -264,6 +276,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return float(value)
         except ValueError:
             pass
+    if tp is int and isinstance(value, str) and value.isdigit():
+        # config.json files of earlier versions hold diffusion.sample_steps as a string ("250")
+        return int(value)
     if tp is bool:
         ok = isinstance(value, bool)
     elif tp is int:

@@ -1,5 +1,5 @@
 """Class-conditional samples of the EMA model for training grids and the demo: fixed seeds and
-classes, a few DDIM steps, decoded with the data set's codec."""
+classes, the run's sampler (diffusion.sampler, default DDIM-25), decoded with the data set's codec."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 from mdt_ds.config import TrainConfig
-from mdt_ds.diffusion import create_diffusion
 from mdt_ds.models import build_model
 from mdt_ds.models.codec import PixelCodec, VAECodec, load_codec
 
@@ -35,14 +34,17 @@ def codec_name_for_source(source: str) -> str:
 @torch.no_grad()
 def sample_images(
     cfg: TrainConfig, state_dict: dict[str, torch.Tensor], per_class: int = 4, max_classes: int = 10,
-    steps: int = 25, cfg_scale: float | None = None, device: torch.device | str | None = None,
+    steps: int | None = None, cfg_scale: float | None = None, device: torch.device | str | None = None,
+    sampler: str | None = None, cfg_interval: list[int] | None = None, stats: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``per_class`` images for each of the first ``max_classes`` classes, class-major:
     (images in [-1, 1] NCHW on the CPU, labels). Image i uses seed ``image_seed(cfg.seed, i)``.
+    Sampler, steps, spacing, guidance and its interval default to ``cfg.diffusion``'s (``sampler``,
+    ``sample_steps``, ``sample_spacing``, ``cfg_scale``, ``cfg_interval``).
     The model, the codec and the latents live on ``device`` (None: CPU); on CUDA with TF32 on.
     The trainer passes its engine's device: sampling a grid on the CPU would keep rank 0 away
     for minutes while the other ranks wait at a barrier."""
-    from mdt_ds.sampling import generate, image_seed, sampling_tf32
+    from mdt_ds.sampling import SampleOptions, generate, image_seed, sampling_tf32
 
     device = torch.device(device or "cpu")
     # The random init is overwritten at once; forking keeps rank 0's global generators (which
@@ -54,13 +56,20 @@ def sample_images(
     classes = min(cfg.model.num_classes, max_classes)
     labels = torch.arange(classes).repeat_interleave(per_class)
     seeds = [image_seed(cfg.seed, i) for i in range(len(labels))]
-    scale = cfg_scale if cfg_scale is not None else max(cfg.diffusion.cfg_scale, 1.0)
+    d = cfg.diffusion
+    interval = d.cfg_interval if cfg_interval is None else cfg_interval
+    options = SampleOptions(
+        cfg_scale=cfg_scale if cfg_scale is not None else max(d.cfg_scale, 1.0), cfg_pow=d.cfg_pow,
+        guide_channels=d.guide_channels, sampler=sampler or d.sampler, steps=steps or d.sample_steps,
+        spacing=d.sample_spacing, cfg_interval=tuple(interval) if interval else None,
+    )
     codec = codec_for_source(cfg.data.source, cfg.model.in_channels, device=device)
     with sampling_tf32(device):
         latents = generate(
-            model, create_diffusion(f"ddim{steps}"), labels, seeds, cfg_scale=scale, cfg_pow=cfg.diffusion.cfg_pow,
-            guide_channels=cfg.diffusion.guide_channels, sampler="ddim", clip_denoised=isinstance(codec, PixelCodec),
-            device=device,
+            model, options.diffusion(d.num_timesteps), labels, seeds, cfg_scale=options.cfg_scale,
+            cfg_pow=options.cfg_pow, guide_channels=options.guide_channels, sampler=options.sampler,
+            cfg_interval=options.cfg_interval, clip_denoised=isinstance(codec, PixelCodec), device=device,
+            stats=stats,
         )
         images = codec.decode(latents)
     return images.cpu(), labels

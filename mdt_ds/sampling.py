@@ -11,16 +11,20 @@ truncating quantisation; class-balanced labels, DDIM, bf16 autocast and rounding
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mdt_ds.diffusion.solvers import ODE_SOLVERS, SOLVER_FNS, OdeGrid, evaluation_plan
 from mdt_ds.dist import derive_seed
 
-SAMPLERS = ("ddpm", "ddim")
+SAMPLERS = ("ddpm", "ddim", *ODE_SOLVERS)
+SPACINGS = ("auto", "time", "ddim", "logsnr")
+# The grid each sampler uses under spacing="auto" (measured on the demo task: README, "Few-step sampling").
+AUTO_SPACING = {"ddpm": "time", "ddim": "ddim", "dpm++2m": "logsnr", "heun": "time"}
 LABEL_MODES = ("uniform", "balanced")
 ROUNDINGS = ("truncate", "round")
 
@@ -68,37 +72,69 @@ def sample_labels(indices: Sequence[int], num_classes: int, global_seed: int, mo
     return torch.cat(draws) if draws else torch.zeros(0, dtype=torch.long)
 
 
-def _guided_model_fn(
-    model: torch.nn.Module,
-    cfg_scale: float,
-    cfg_pow: float,
-    guide_channels: str,
-    diffusion_steps: int,
-    autocast_dtype: torch.dtype | None,
-    device: torch.device,
-) -> Callable[..., torch.Tensor]:
-    """The function the diffusion loop calls: a plain forward, or the release's CFG contract (batch
-    doubled with the null label, one forward, guided eps) keeping the conditional half."""
-    null_label = model.num_classes
+class Denoiser:
+    """The network as the samplers call it at original timestep ``k``: the release's CFG
+    contract (batch doubled with the null label, one forward, guided eps, conditional half kept)
+    where guidance applies, a plain conditional forward elsewhere. Guidance applies when
+    ``cfg_scale > 1`` and ``k`` lies in ``interval`` (inclusive original timesteps; None: every
+    step), so a step outside the interval costs one network evaluation per image instead of two
+    (Kynkaenniemi et al. 2024, "Applying guidance in a limited interval improves sample and
+    distribution quality in diffusion models"). ``calls`` counts evaluations per image."""
 
-    def fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    def __init__(
+        self, model: torch.nn.Module, labels: torch.Tensor, cfg_scale: float, cfg_pow: float, guide_channels: str,
+        diffusion_steps: int, autocast_dtype: torch.dtype | None, interval: Sequence[int] | None = None,
+    ):
+        self.model, self.labels = model, labels
+        self.cfg_scale, self.cfg_pow, self.guide_channels = cfg_scale, cfg_pow, guide_channels
+        self.diffusion_steps, self.autocast_dtype = diffusion_steps, autocast_dtype
+        self.interval = check_interval(interval, diffusion_steps)
+        self.calls = 0
+
+    def guided(self, k: int) -> bool:
+        return guided_at(k, self.cfg_scale, self.interval)
+
+    def __call__(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        t = torch.full((len(x),), int(k), device=x.device, dtype=torch.long)
+        y = self.labels
+        dtype = self.autocast_dtype
+        ctx = torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with ctx:
-            if cfg_scale > 1.0:
-                out = model.forward_with_cfg(
-                    torch.cat([x, x]),
-                    torch.cat([t, t]),
-                    torch.cat([y, torch.full_like(y, null_label)]),
-                    cfg_scale,
-                    diffusion_steps=diffusion_steps,
-                    scale_pow=cfg_pow,
-                    guide_channels=guide_channels,
+            if self.guided(k):
+                self.calls += 2
+                out = self.model.forward_with_cfg(
+                    torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.model.num_classes)]),
+                    self.cfg_scale, diffusion_steps=self.diffusion_steps, scale_pow=self.cfg_pow,
+                    guide_channels=self.guide_channels,
                 )[: len(x)]
             else:
-                out = model(x, t, y)
+                self.calls += 1
+                out = self.model(x, t, y)
         return out.float()
 
-    return fn
+
+def check_interval(interval: Sequence[int] | None, diffusion_steps: int = 1000) -> tuple[int, int] | None:
+    """``(lo, hi)`` with ``0 <= lo <= hi < diffusion_steps``, or None (guidance on every step)."""
+    if interval is None or len(interval) == 0:
+        return None
+    if len(interval) != 2 or not 0 <= int(interval[0]) <= int(interval[1]) < diffusion_steps:
+        raise ValueError(f"the guidance interval must be two timesteps LO <= HI in 0..{diffusion_steps - 1}, "
+                         f"got {list(interval)}")
+    return int(interval[0]), int(interval[1])
+
+
+def guided_at(k: int, cfg_scale: float, interval: tuple[int, int] | None) -> bool:
+    """Whether the step at original timestep ``k`` runs classifier-free guidance."""
+    return cfg_scale > 1.0 and (interval is None or interval[0] <= k <= interval[1])
+
+
+def _steps(count: int, progress: bool) -> Iterable[int]:
+    indices = range(count - 1, -1, -1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        return tqdm(indices, desc="sampling", leave=False)
+    return indices
 
 
 @torch.no_grad()
@@ -113,20 +149,25 @@ def generate(
     guide_channels: str = "release",
     sampler: str = "ddpm",
     eta: float = 0.0,
+    cfg_interval: Sequence[int] | None = None,
     device: torch.device | str | None = None,
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
     clip_denoised: bool = False,
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """Sample latents [N, C, H, W] (float32, on ``device``) for ``labels`` with per-image seeds.
 
     Image i's generator (CPU, seeded ``seeds[i]``) draws its x_T and every step's noise, so the
-    result does not depend on batch composition. ``diffusion`` is a respaced diffusion from
-    ``create_diffusion`` ("250" for DDPM, "ddim50" for DDIM). ``cfg_scale > 1`` applies
-    power-cosine classifier-free guidance (``model.forward_with_cfg``; null label =
-    ``model.num_classes``). The model runs in eval mode (restored afterwards) and only its
-    forward runs under ``autocast_dtype``; the diffusion maths stay float32. ``clip_denoised``
-    clamps predicted x_0 to [-1, 1]: right for pixel data, off for latents (as released)."""
+    result does not depend on batch composition. ``diffusion`` is a respaced diffusion (see
+    :meth:`SampleOptions.diffusion`); the model always sees original timesteps. ``sampler``:
+    "ddpm" (ancestral, learned variance), "ddim" (``eta`` 0: deterministic), or the ODE solvers
+    "dpm++2m" / "heun" (:mod:`mdt_ds.diffusion.solvers`). ``cfg_scale > 1`` applies power-cosine
+    classifier-free guidance (null label = ``model.num_classes``), only on steps whose timestep
+    lies in ``cfg_interval`` when one is given. The model runs in eval mode (restored
+    afterwards) and only its forward runs under ``autocast_dtype``; the diffusion maths stay
+    float32. ``clip_denoised`` clamps predicted x_0 to [-1, 1]: right for pixel data, off for
+    latents (as released). ``stats``, if given, receives ``network_calls_per_image``."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     if len(labels) != len(seeds):
@@ -136,32 +177,41 @@ def generate(
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
 
     def noise_fn(like: torch.Tensor) -> torch.Tensor:
-        if like.shape[0] != len(generators):
-            raise ValueError(f"noise requested for {like.shape[0]} images, have {len(generators)} generators")
         noise = torch.stack([torch.randn(like.shape[1:], generator=g) for g in generators])
         return noise.to(like.device, like.dtype)
 
-    x_T = noise_fn(torch.empty(shape, device=device))
+    x = noise_fn(torch.empty(shape, device=device))
     steps = getattr(diffusion, "original_num_steps", diffusion.num_timesteps)
-    model_fn = _guided_model_fn(model, cfg_scale, cfg_pow, guide_channels, steps, autocast_dtype, device)
-    kwargs = dict(
-        noise=x_T,
-        model_kwargs={"y": labels.to(device, torch.long)},
-        device=device,
-        progress=progress,
-        noise_fn=noise_fn,
-        clip_denoised=clip_denoised,
-    )
+    denoiser = Denoiser(model, labels.to(device, torch.long), cfg_scale, cfg_pow, guide_channels, steps,
+                        autocast_dtype, cfg_interval)
+    timesteps = getattr(diffusion, "timestep_map", torch.arange(diffusion.num_timesteps)).tolist()
     was_training = model.training
     model.eval()
     try:
-        if sampler == "ddpm":
-            out = diffusion.p_sample_loop(model_fn, shape, **kwargs)
+        if sampler in ODE_SOLVERS:
+            grid = OdeGrid(diffusion.alphas_cumprod)
+
+            def eps_fn(x: torch.Tensor, i: int) -> torch.Tensor:
+                return denoiser(x, timesteps[i])[:, : x.shape[1]]
+
+            x = SOLVER_FNS[sampler](eps_fn, x, grid, clip=clip_denoised, steps=_steps(len(grid), progress))
         else:
-            out = diffusion.ddim_sample_loop(model_fn, shape, eta=eta, **kwargs)
+            for i in _steps(diffusion.num_timesteps, progress):
+                t = torch.full((len(x),), i, device=device, dtype=torch.long)
+
+                def model_fn(x_: torch.Tensor, _t: torch.Tensor, k: int = timesteps[i]) -> torch.Tensor:
+                    return denoiser(x_, k)  # _t: the same original timestep k, as a tensor
+
+                if sampler == "ddpm":
+                    x = diffusion.p_sample(model_fn, x, t, noise_fn(x), clip_denoised=clip_denoised)
+                else:
+                    noise = noise_fn(x) if eta else None
+                    x = diffusion.ddim_sample(model_fn, x, t, noise, eta=eta, clip_denoised=clip_denoised)
     finally:
         model.train(was_training)
-    return out.float()
+    if stats is not None:
+        stats["network_calls_per_image"] = denoiser.calls
+    return x.float()
 
 
 # --------------------------------------------------------------------------- pixels
@@ -212,7 +262,10 @@ def save_grid(images: np.ndarray | torch.Tensor, path: str | Path, nrow: int = 8
 @dataclass(frozen=True)
 class SampleOptions:
     """How images are made; the defaults are the release's FID-50K protocol except guidance,
-    which callers set (the published FID uses cfg_scale 3.8, pow 4)."""
+    which callers set (the published FID uses cfg_scale 3.8, pow 4). ``spacing`` picks the kept
+    timesteps: "time" spreads them evenly over 0..T-1 (ADM respacing), "ddim" uses DDIM's integer
+    stride, "logsnr" spreads them evenly in log-SNR; "auto" is ``AUTO_SPACING[sampler]``.
+    ``cfg_interval`` (LO, HI) limits guidance to original timesteps LO..HI."""
 
     cfg_scale: float = 1.0
     cfg_pow: float = 4.0
@@ -223,15 +276,53 @@ class SampleOptions:
     labels: str = "uniform"
     rounding: str = "truncate"
     autocast: str = "none"  # "none", "bf16", "fp16"
+    spacing: str = "auto"
+    cfg_interval: tuple[int, int] | None = None
 
-    def respacing(self) -> str:
-        return f"ddim{self.steps}" if self.sampler == "ddim" else str(self.steps)
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {SPACINGS}, got {self.spacing!r}")
+        object.__setattr__(self, "cfg_interval", check_interval(self.cfg_interval))
+
+    def respacing(self, num_timesteps: int = 1000) -> list[int]:
+        """The kept (original) timesteps, ascending."""
+        from mdt_ds.diffusion import linear_beta_schedule, space_timesteps
+        from mdt_ds.diffusion.respace import logsnr_timesteps
+
+        spacing = AUTO_SPACING[self.sampler] if self.spacing == "auto" else self.spacing
+        if spacing == "ddim":
+            return space_timesteps(num_timesteps, f"ddim{self.steps}")
+        if spacing == "logsnr":
+            return logsnr_timesteps(torch.cumprod(1 - linear_beta_schedule(num_timesteps), 0), self.steps)
+        return space_timesteps(num_timesteps, str(self.steps))
+
+    def diffusion(self, num_timesteps: int = 1000):
+        """The respaced diffusion ``generate`` runs on."""
+        from mdt_ds.diffusion import SpacedDiffusion, linear_beta_schedule
+
+        return SpacedDiffusion(linear_beta_schedule(num_timesteps), self.respacing(num_timesteps))
+
+    def network_calls(self, num_timesteps: int = 1000) -> int:
+        """Network evaluations per image (a guided step costs two), known before sampling."""
+        kept = self.respacing(num_timesteps)
+        plan = evaluation_plan(self.sampler, len(kept)) if self.sampler in ODE_SOLVERS else range(len(kept))
+        return sum(2 if guided_at(kept[i], self.cfg_scale, self.cfg_interval) else 1 for i in plan)
 
     def autocast_dtype(self) -> torch.dtype | None:
         return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[self.autocast]
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        # Written only when set: settings recorded before these options existed still match.
+        if out["spacing"] == "auto":
+            del out["spacing"]
+        if out["cfg_interval"] is None:
+            del out["cfg_interval"]
+        else:
+            out["cfg_interval"] = list(out["cfg_interval"])
+        return out
 
 
 def sample_batch(
@@ -257,6 +348,7 @@ def sample_batch(
         guide_channels=options.guide_channels,
         sampler=options.sampler,
         eta=options.eta,
+        cfg_interval=options.cfg_interval,
         device=device,
         autocast_dtype=options.autocast_dtype(),
         progress=progress,

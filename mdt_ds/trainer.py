@@ -470,9 +470,11 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             model = build_model(cfg.model, device=self.device)  # random init, overwritten at once
         model.load_state_dict(self._gathered_ema(), strict=True)
+        d = cfg.diffusion
         options = SampleOptions(
-            sampler="ddim", steps=cfg.fid_steps, cfg_scale=max(cfg.diffusion.cfg_scale, 1.0),
-            cfg_pow=cfg.diffusion.cfg_pow, guide_channels=cfg.diffusion.guide_channels,
+            sampler=d.sampler, steps=cfg.fid_steps, spacing=d.sample_spacing, cfg_scale=max(d.cfg_scale, 1.0),
+            cfg_pow=d.cfg_pow, guide_channels=d.guide_channels,
+            cfg_interval=tuple(d.cfg_interval) if d.cfg_interval else None,
         )
         result = fid_for_model(
             model.eval(), codec_for_source(cfg.data.source, cfg.model.in_channels, device=self.device), cfg.fid_ref,

@@ -70,6 +70,20 @@ def test_device_check_part_a_quick_on_cpu(device_check, tmp_path) -> None:
     assert a["flex_vs_sdpa"]["skipped"] and a["train_resume"]["skipped"] and a["cuda_only_paths"]["skipped"]
 
 
+def test_device_check_part_c_quick_on_cpu(device_check, tmp_path) -> None:
+    """Part (c) as it will run on the GPU (Tiny preset and 5 timed steps here): DDPM-250 and the
+    few-step solvers, with the calls each one costs."""
+    device_check.main(["--parts", "c", "--device", "cpu", "--quick", "--out", str(tmp_path)])
+    c = json.loads((tmp_path / "part_c.json").read_text())
+    for variant in ("fp32_tf32", "bf16_autocast"):
+        rows = {(r["sampler"], r["steps"], tuple(r["cfg_interval"] or ())): r for r in c[variant]["results"]}
+        assert rows[("ddpm", 250, ())]["network_calls_per_image"] == 500
+        assert rows[("heun", 10, ())]["network_calls_per_image"] == 38
+        assert rows[("dpm++2m", 20, (0, 500))]["network_calls_per_image"] < rows[("dpm++2m", 20, ())][
+            "network_calls_per_image"] == 40
+        assert all(r["images_per_second_best"] > 0 for r in rows.values())
+
+
 def test_device_check_helpers(device_check) -> None:
     ref = torch.ones(4)
     assert device_check.rel_err(ref * 1.01, ref) == pytest.approx(0.01)
@@ -109,9 +123,42 @@ def test_train_step_quick_json(tmp_path) -> None:
 
 def test_sampler_benchmark_extrapolates_steps(tmp_path) -> None:
     sampler = load("sampler")
-    report = sampler.main(["--images", "2", "--batch-size", "2", "--configs", "ddpm250:2", "--time-steps", "2",
-                           "--repeats", "1", "--device", "cpu", "--out", str(tmp_path / "s.json")])
-    (result,) = report["results"]
+    report = sampler.main(["--images", "2", "--batch-size", "2", "--configs", "ddpm250:2,dpm++2m10:2:0-500,heun4:2",
+                           "--time-steps", "2", "--repeats", "1", "--device", "cpu", "--out", str(tmp_path / "s.json")])
+    result, solver, heun = report["results"]
     assert result["steps"] == 250 and result["timed_steps"] == 2 and result["extrapolated"]
-    assert result["forward_passes_per_image"] == 500 and not report["tf32"]
+    assert result["network_calls_per_image"] == 500 and not report["tf32"]
+    # log-SNR grid: 10 timesteps, those at or below 500 guided (two calls), the rest one call
+    assert solver["sampler"] == "dpm++2m" and len(solver["timesteps"]) == 10 and solver["cfg_interval"] == [0, 500]
+    assert solver["network_calls_per_image"] == 10 + sum(k <= 500 for k in solver["timesteps"])
+    assert heun["network_calls_per_image"] == 2 * (2 * 4 - 1)  # Heun: 2N - 1 evaluations, each guided
     assert json.loads((tmp_path / "s.json").read_text())["results"][0]["timed_steps"] == 2
+
+
+def test_sampler_quality_rows_and_plot(tmp_path) -> None:
+    """The quality-per-call benchmark on a throwaway run: every row the same N, calls as planned,
+    scores in range, the JSON holds the rows, and the plot is written."""
+    from PIL import Image
+
+    from mdt_ds.config import load_config, save_config
+    from mdt_ds.models import build_model
+    from mdt_ds.sampling import SampleOptions
+
+    quality = load("sampler_quality")
+    run = tmp_path / "run"
+    (run / "snapshots").mkdir(parents=True)
+    cfg = load_config(None, ["model.preset=MDTv2-Tiny/2", "model.in_channels=1", "model.input_size=16",
+                             "data.source=mnist16"])
+    save_config(cfg, run / "config.json")
+    torch.manual_seed(0)
+    torch.save(build_model(cfg.model).state_dict(), run / "snapshots" / "ema_0000001.pt")
+    report = quality.main(["--run-dir", str(run), "--configs", "dpm++2m4,dpm++2m4:0-500,heun3", "--per-class", "2",
+                           "--out", str(tmp_path / "q.json"), "--plot", str(tmp_path / "q.png")])
+    rows = report["rows"]
+    assert [r["images"] for r in rows] == [20, 20, 20]
+    assert rows[0]["network_calls_per_image"] == SampleOptions(sampler="dpm++2m", steps=4, cfg_scale=4).network_calls()
+    assert rows[1]["network_calls_per_image"] < rows[0]["network_calls_per_image"]
+    assert rows[2]["network_calls_per_image"] == 2 * 5
+    assert all(0 <= r["conditional_accuracy"] <= 1 and r["frechet_distance"] > 0 for r in rows)
+    assert json.loads((tmp_path / "q.json").read_text())["rows"] == rows
+    assert Image.open(tmp_path / "q.png").size[0] > 500

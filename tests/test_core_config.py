@@ -128,11 +128,12 @@ def test_override_types() -> None:
 
 
 def test_override_numeric_text_for_string_fields() -> None:
-    """``--diffusion.sample_steps=250`` is the documented way to ask for 250 steps: a number typed
-    on the command line for a str field is that text."""
-    cfg = apply_overrides(TrainConfig(), ["diffusion.sample_steps=250"])
-    assert cfg.diffusion.sample_steps == "250"
-    assert apply_overrides(TrainConfig(), ["diffusion.sample_steps=ddim50"]).diffusion.sample_steps == "ddim50"
+    """A number typed on the command line for a str field is that text (``run_dir=2026``), and
+    an int field takes the number (``diffusion.sample_steps=250``), not other text."""
+    cfg = apply_overrides(TrainConfig(), ["run_dir=2026", "diffusion.sample_steps=250"])
+    assert cfg.run_dir == "2026" and cfg.diffusion.sample_steps == 250
+    with pytest.raises(ConfigError, match="sample_steps"):
+        apply_overrides(TrainConfig(), ["diffusion.sample_steps=ddim50"])
 
 
 def test_override_bad_choice_names_allowed_values() -> None:

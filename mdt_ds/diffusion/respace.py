@@ -55,3 +55,24 @@ class SpacedDiffusion(GaussianDiffusion):
         if key not in self._tables:  # copied to each device once, like the schedules
             self._tables[key] = self.timestep_map.to(t.device)
         return self._tables[key][t]
+
+
+def logsnr_timesteps(alphas_cumprod: torch.Tensor, count: int) -> list[int]:
+    """``count`` timesteps of a base schedule spread evenly in log-SNR ``lambda = log(alpha /
+    sigma)`` from t = 0 to t = T - 1, as DPM-Solver recommends for its solvers (Lu et al. 2022,
+    sec. 3.3 "logSNR" step schedule), each rounded to the nearest integer timestep; near t = 0,
+    where one integer step spans more log-SNR than the grid's spacing, timesteps are pushed up
+    so that all ``count`` stay distinct."""
+    abar = alphas_cumprod.double()
+    num_timesteps = len(abar)
+    if not 2 <= count <= num_timesteps:
+        raise ValueError(f"log-SNR spacing needs 2..{num_timesteps} steps, got {count}")
+    lam = 0.5 * torch.log(abar / (1 - abar))  # decreasing in t
+    targets = torch.linspace(float(lam[0]), float(lam[-1]), count, dtype=torch.float64)
+    steps: list[int] = []
+    for j, target in enumerate(targets):
+        nearest = int((lam - target).abs().argmin())
+        floor = steps[-1] + 1 if steps else 0
+        ceiling = num_timesteps - (count - j)  # leave room for the remaining steps
+        steps.append(min(max(nearest, floor), ceiling))
+    return steps

@@ -83,7 +83,6 @@ def fid_for_model(
     ``fd_method="eigh"`` is the fast eigenvalue form (``"sqrtm"``: ADM's exact code). Sampling
     and decoding run on ``device`` (default: the model's); the codec is moved there (in place),
     and on CUDA sampling runs with TF32 on."""
-    from mdt_ds.diffusion import create_diffusion
     from mdt_ds.sampling import SampleOptions, iter_samples, sampling_tf32
 
     start = time.time()
@@ -94,7 +93,7 @@ def fid_for_model(
     codec = codec.to(device) if hasattr(codec, "to") else codec
     extractor = extractor or cached_extractor(inception, device)
     ref_stats = reference_statistics(ref, extractor, device)
-    diffusion = create_diffusion(options.respacing())
+    diffusion = options.diffusion()
     acc = FeatureAccumulator(extractor, device, keep_pool=False, keep_probs=False)
     block = rank_block(num_images)
     bar = None

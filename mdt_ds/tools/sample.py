@@ -32,6 +32,7 @@ import torch
 from mdt_ds import dist
 from mdt_ds.clihelp import HelpFormatter
 from mdt_ds.config import ConfigError, ModelConfig
+from mdt_ds.sampling import SAMPLERS, SPACINGS
 from mdt_ds.tools.sample_inputs import SampleError, choose_codec, load_model, load_state, model_config, run_config_file
 
 __all__ = ["SampleError", "load_model", "main", "model_config"]
@@ -143,9 +144,11 @@ def check_settings(path: Path, settings: dict) -> None:
 
 
 def default_output(args: argparse.Namespace, cfg: ModelConfig) -> Path:
+    spacing = "" if args.spacing == "auto" else f"-{args.spacing}"
+    interval = f"-t{args.cfg_interval[0]}-{args.cfg_interval[1]}" if args.cfg_interval else ""
     name = (
-        f"{cfg.preset.replace('/', '-')}-{args.ckpt_file.stem}-{args.sampler}{args.steps}-cfg{args.cfg_scale:g}"
-        f"-pow{args.cfg_pow:g}-seed{args.seed}-n{args.num_samples}.npz"
+        f"{cfg.preset.replace('/', '-')}-{args.ckpt_file.stem}-{args.sampler}{args.steps}{spacing}-cfg{args.cfg_scale:g}"
+        f"{interval}-pow{args.cfg_pow:g}-seed{args.seed}-n{args.num_samples}.npz"
     )
     return Path("samples") / name
 
@@ -279,8 +282,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=50_000)
     p.add_argument("--batch-size", type=int, default=32, help="images per forward, per rank")
     p.add_argument("--seed", type=int, default=0, help="global seed; image i uses seeds derived from (seed, i)")
-    p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    p.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        default="ddpm",
+        help="'ddpm' (release FID protocol), 'ddim', or the ODE solvers 'dpm++2m' (one network call per step) "
+        "and 'heun' (2N-1 calls)",
+    )
     p.add_argument("--steps", type=int, default=250, help="sampling steps (release: 250 DDPM)")
+    p.add_argument(
+        "--spacing",
+        choices=SPACINGS,
+        default="auto",
+        help="kept timesteps: 'time' (even over 0..999), 'ddim' (integer stride), 'logsnr' (even in log-SNR); "
+        "'auto': ddpm/heun time, ddim ddim, dpm++2m logsnr",
+    )
+    p.add_argument(
+        "--cfg-interval",
+        type=int,
+        nargs=2,
+        metavar=("LO", "HI"),
+        default=None,
+        help="guide only at original timesteps LO..HI (Kynkaanniemi et al. 2024); other steps run the "
+        "conditional half alone, one network call instead of two (default: every step)",
+    )
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--cfg-scale", type=float, default=3.8, help="guidance scale; 1 = no guidance (release FID: 3.8)")
     p.add_argument("--cfg-pow", type=float, default=4.0, help="power-cosine schedule exponent (release: 4)")
@@ -345,6 +370,8 @@ def _options(args: argparse.Namespace):
         sampler=args.sampler,
         steps=args.steps,
         eta=args.eta,
+        spacing=args.spacing,
+        cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None,
         labels=args.labels,
         rounding=args.rounding,
         autocast=args.autocast,
@@ -365,7 +392,6 @@ def _finish_everywhere(args: argparse.Namespace, settings: dict, parts: Path, st
 
 
 def sample_main(args: argparse.Namespace) -> int:
-    from mdt_ds.diffusion import create_diffusion
     from mdt_ds.models.codec import load_codec
     from mdt_ds.tools.convert_checkpoint import resolve_weights_path
 
@@ -389,12 +415,14 @@ def sample_main(args: argparse.Namespace) -> int:
     if dist.rank() == 0:
         record_settings(parts, settings)
     todo = sum(b - a for a, b in chunks)
-    how = f"{cfg.preset}, {args.sampler} {args.steps} steps, cfg {args.cfg_scale:g} pow {args.cfg_pow:g}"
+    interval = f" on t in {list(options.cfg_interval)}" if options.cfg_interval else ""
+    how = (f"{cfg.preset}, {args.sampler} {args.steps} steps, cfg {args.cfg_scale:g} pow {args.cfg_pow:g}{interval}, "
+           f"{options.network_calls()} network calls per image")
     log.info(
         "%d of %d images to make on %d ranks (%s); shards in %s", todo, args.num_samples, dist.world_size(), how, parts
     )
     start = time.time()
-    made = run_chunks(args, model, create_diffusion(options.respacing()), codec, options, chunks, parts, device)
+    made = run_chunks(args, model, options.diffusion(), codec, options, chunks, parts, device)
     seconds = time.time() - start
     totals = dist.mean_across_ranks({"made": made, "seconds": seconds})
     dist.barrier()
@@ -403,7 +431,8 @@ def sample_main(args: argparse.Namespace) -> int:
     if args.max_batches is not None and len(chunks) > args.max_batches * dist.world_size():
         log.info("stopped after --max-batches %d; rerun the same command to continue", args.max_batches)
         return 0
-    stats = {"world_size": dist.world_size(), "images_per_second": rate, "last_run_seconds": seconds}
+    stats = {"world_size": dist.world_size(), "images_per_second": rate, "last_run_seconds": seconds,
+             "network_calls_per_image": options.network_calls()}
     _finish_everywhere(args, settings, parts, stats)
     return 0
 
@@ -411,7 +440,12 @@ def sample_main(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv = [a for a in argv if not a.startswith("--local_rank") and not a.startswith("--local-rank")]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        _options(args).network_calls()  # an impossible sampler setting is a usage error, before any file is read
+    except ValueError as err:
+        parser.error(str(err))
     distributed = dist.launcher_env(argv=sys.argv).world_size > 1
     if distributed:
         dist.init(sys.argv)
