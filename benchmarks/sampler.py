@@ -35,7 +35,7 @@ from mdt_ds.models import build_model  # noqa: E402
 from mdt_ds.monitor import device_name  # noqa: E402
 from mdt_ds.sampling import SampleOptions, generate, image_seed, sample_labels  # noqa: E402
 
-DEFAULT_CONFIGS = "ddim50:1,ddim50:1.5,ddpm250:1,ddpm250:1.5,dpm++2m20:1.5,dpm++2m20:1.5:0-600,heun10:1.5"
+DEFAULT_CONFIGS = "ddim50:1,ddim50:1.5,ddpm250:1,ddpm250:1.5,dpm++2m20:1.5,dpm++2m20:1.5:0-500,heun10:1.5"
 
 
 

@@ -169,9 +169,9 @@ def sample_and_score(run_dir: Path, per_class: int = PER_CLASS, sampler: dict | 
     net = train_classifier(*load_train_arrays())
     held_x, held_y = load_heldout()
     start = time.time()
-    images, labels = sample_images(cfg, state, per_class=per_class, steps=sampler["steps"],
-                                   cfg_scale=sampler["cfg_scale"])
-    plain, plain_labels = sample_images(cfg, state, per_class=per_class, steps=sampler["steps"], cfg_scale=1.0)
+    how = {"per_class": per_class, "steps": sampler["steps"], "sampler": sampler["name"]}
+    images, labels = sample_images(cfg, state, cfg_scale=sampler["cfg_scale"], **how)
+    plain, plain_labels = sample_images(cfg, state, cfg_scale=1.0, **how)
     sample_s = time.time() - start
     predicted, predicted_plain = _classify(net, images), _classify(net, plain)
     grid = labelled_grid(images, labels.tolist(), (predicted == labels).tolist(), run_dir / "demo_samples.png",

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdt_ds.config import TrainConfig
+from mdt_ds.config import DiffusionConfig, TrainConfig
 from mdt_ds.models import build_model
 from mdt_ds.models.codec import PixelCodec, VAECodec, load_codec
 
@@ -31,6 +31,19 @@ def codec_name_for_source(source: str) -> str:
     return codec.get("source") or codec.get("hub_id") or "mse"
 
 
+def sample_options(d: DiffusionConfig, steps: int, sampler: str | None = None, cfg_scale: float | None = None,
+                   cfg_interval: list[int] | None = None):
+    """How the run samples its grids and in-training FID: ``cfg.diffusion``'s sampler, spacing,
+    guidance (at least 1) and interval, each overridable."""
+    from mdt_ds.sampling import SampleOptions
+
+    return SampleOptions(
+        cfg_scale=cfg_scale if cfg_scale is not None else max(d.cfg_scale, 1.0), cfg_pow=d.cfg_pow,
+        guide_channels=d.guide_channels, sampler=sampler or d.sampler, steps=steps, spacing=d.sample_spacing,
+        cfg_interval=d.cfg_interval if cfg_interval is None else cfg_interval,
+    )
+
+
 @torch.no_grad()
 def sample_images(
     cfg: TrainConfig, state_dict: dict[str, torch.Tensor], per_class: int = 4, max_classes: int = 10,
@@ -44,7 +57,7 @@ def sample_images(
     The model, the codec and the latents live on ``device`` (None: CPU); on CUDA with TF32 on.
     The trainer passes its engine's device: sampling a grid on the CPU would keep rank 0 away
     for minutes while the other ranks wait at a barrier."""
-    from mdt_ds.sampling import SampleOptions, generate, image_seed, sampling_tf32
+    from mdt_ds.sampling import generate, image_seed, sampling_tf32
 
     device = torch.device(device or "cpu")
     # The random init is overwritten at once; forking keeps rank 0's global generators (which
@@ -56,17 +69,11 @@ def sample_images(
     classes = min(cfg.model.num_classes, max_classes)
     labels = torch.arange(classes).repeat_interleave(per_class)
     seeds = [image_seed(cfg.seed, i) for i in range(len(labels))]
-    d = cfg.diffusion
-    interval = d.cfg_interval if cfg_interval is None else cfg_interval
-    options = SampleOptions(
-        cfg_scale=cfg_scale if cfg_scale is not None else max(d.cfg_scale, 1.0), cfg_pow=d.cfg_pow,
-        guide_channels=d.guide_channels, sampler=sampler or d.sampler, steps=steps or d.sample_steps,
-        spacing=d.sample_spacing, cfg_interval=tuple(interval) if interval else None,
-    )
+    options = sample_options(cfg.diffusion, steps or cfg.diffusion.sample_steps, sampler, cfg_scale, cfg_interval)
     codec = codec_for_source(cfg.data.source, cfg.model.in_channels, device=device)
     with sampling_tf32(device):
         latents = generate(
-            model, options.diffusion(d.num_timesteps), labels, seeds, cfg_scale=options.cfg_scale,
+            model, options.diffusion(cfg.diffusion.num_timesteps), labels, seeds, cfg_scale=options.cfg_scale,
             cfg_pow=options.cfg_pow, guide_channels=options.guide_channels, sampler=options.sampler,
             cfg_interval=options.cfg_interval, clip_denoised=isinstance(codec, PixelCodec), device=device,
             stats=stats,

@@ -334,8 +334,10 @@ def sample_batch(
     options: SampleOptions,
     device: torch.device | str | None = None,
     progress: bool = False,
+    stats: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Images ``indices`` of the run ``global_seed``: (uint8 NHWC RGB, int64 labels)."""
+    """Images ``indices`` of the run ``global_seed``: (uint8 NHWC RGB, int64 labels); ``stats``
+    as in :func:`generate`."""
     labels = sample_labels(indices, model.num_classes, global_seed, options.labels)
     seeds = [image_seed(global_seed, i) for i in indices]
     latents = generate(
@@ -352,6 +354,7 @@ def sample_batch(
         device=device,
         autocast_dtype=options.autocast_dtype(),
         progress=progress,
+        stats=stats,
     )
     images = codec.decode(latents)
     return as_rgb(to_uint8(images, options.rounding)), labels.numpy()

@@ -461,21 +461,15 @@ class Trainer:
 
     def evaluate_fid(self) -> dict[str, float]:
         """FID of the EMA model on all ranks (sampling is split across them), logged as eval/fid."""
-        from mdt_ds.grids import codec_for_source
+        from mdt_ds.grids import codec_for_source, sample_options
         from mdt_ds.metrics import fid_for_model
         from mdt_ds.models import build_model
-        from mdt_ds.sampling import SampleOptions
 
         cfg = self.cfg
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             model = build_model(cfg.model, device=self.device)  # random init, overwritten at once
         model.load_state_dict(self._gathered_ema(), strict=True)
-        d = cfg.diffusion
-        options = SampleOptions(
-            sampler=d.sampler, steps=cfg.fid_steps, spacing=d.sample_spacing, cfg_scale=max(d.cfg_scale, 1.0),
-            cfg_pow=d.cfg_pow, guide_channels=d.guide_channels,
-            cfg_interval=tuple(d.cfg_interval) if d.cfg_interval else None,
-        )
+        options = sample_options(cfg.diffusion, cfg.fid_steps)
         result = fid_for_model(
             model.eval(), codec_for_source(cfg.data.source, cfg.model.in_channels, device=self.device), cfg.fid_ref,
             num_images=cfg.fid_images, seed=cfg.seed, options=options, inception=cfg.fid_inception or None,

@@ -95,3 +95,29 @@ def test_short_demo_run_stops_loudly_and_writes_its_report(tmp_path: Path) -> No
     assert grid.height > grid.width // 2  # 10 rows of 2
     assert Image.open(run_dir / "demo_progress.png").width >= 420
     assert sorted((run_dir / "checkpoints").iterdir()) and (run_dir / "tensorboard").is_dir()
+
+
+def test_scoring_samples_with_the_sampler_it_reports(tmp_path: Path, monkeypatch) -> None:
+    """sample_and_score hands DEMO_SAMPLER's name and steps to the grid sampler, at the demo's CFG
+    and at CFG 1 (the name was once only written into the report)."""
+    import mdt_ds.grids
+    from mdt_ds.config import load_config, save_config
+
+    run = tmp_path / "run"
+    (run / "snapshots").mkdir(parents=True)
+    save_config(load_config(None, demo.DEMO_OVERRIDES), run / "config.json")
+    torch.save({"x_embedder.proj.bias": torch.zeros(128)}, run / "snapshots" / "ema_0000001.pt")  # unused: spied
+    calls = []
+
+    def spy(cfg, state, **kwargs):
+        calls.append(kwargs)
+        labels = torch.arange(10).repeat_interleave(kwargs["per_class"])
+        return torch.zeros(len(labels), 1, 16, 16), labels
+
+    monkeypatch.setattr(mdt_ds.grids, "sample_images", spy)
+    monkeypatch.setattr(demo, "train_classifier", lambda *_: torch.nn.Sequential(torch.nn.Flatten(),
+                                                                                 torch.nn.Linear(256, 10)))
+    sampler = {"name": "dpm++2m", "steps": 7, "cfg_scale": 3.0}
+    scores = demo.sample_and_score(run, per_class=1, sampler=sampler)
+    assert [(c["sampler"], c["steps"], c["cfg_scale"]) for c in calls] == [("dpm++2m", 7, 3.0), ("dpm++2m", 7, 1.0)]
+    assert scores["samples"] == 10 and Path(scores["grid"]).is_file()

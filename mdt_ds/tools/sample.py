@@ -205,8 +205,10 @@ def record_settings(parts: Path, settings: dict) -> None:
     tmp.replace(run_file)
 
 
-def run_chunks(args, model, diffusion, codec, options, chunks, parts: Path, device: torch.device) -> int:
-    """This rank's share of the chunks (chunk j goes to rank j % world), one shard per chunk."""
+def run_chunks(args, model, diffusion, codec, options, chunks, parts: Path, device: torch.device,
+               counted: dict | None = None) -> int:
+    """This rank's share of the chunks (chunk j goes to rank j % world), one shard per chunk;
+    ``counted`` receives the network calls per image the sampler made."""
     from mdt_ds.sampling import sample_batch
 
     mine = chunks[dist.rank() :: dist.world_size()]
@@ -220,7 +222,8 @@ def run_chunks(args, model, diffusion, codec, options, chunks, parts: Path, devi
         bar = tqdm(total=total, desc="sampling", unit="img", dynamic_ncols=True, smoothing=0.1)
     made = 0
     for start, stop in mine:
-        images, labels = sample_batch(model, diffusion, codec, range(start, stop), args.seed, options, device)
+        images, labels = sample_batch(model, diffusion, codec, range(start, stop), args.seed, options, device,
+                                      stats=counted)
         write_part(parts, start, images, labels)
         made += stop - start
         if bar is not None:
@@ -422,7 +425,8 @@ def sample_main(args: argparse.Namespace) -> int:
         "%d of %d images to make on %d ranks (%s); shards in %s", todo, args.num_samples, dist.world_size(), how, parts
     )
     start = time.time()
-    made = run_chunks(args, model, options.diffusion(), codec, options, chunks, parts, device)
+    counted: dict = {}
+    made = run_chunks(args, model, options.diffusion(), codec, options, chunks, parts, device, counted)
     seconds = time.time() - start
     totals = dist.mean_across_ranks({"made": made, "seconds": seconds})
     dist.barrier()
@@ -432,7 +436,8 @@ def sample_main(args: argparse.Namespace) -> int:
         log.info("stopped after --max-batches %d; rerun the same command to continue", args.max_batches)
         return 0
     stats = {"world_size": dist.world_size(), "images_per_second": rate, "last_run_seconds": seconds,
-             "network_calls_per_image": options.network_calls()}
+             # as counted while sampling (planned, where this rank made no batch in this launch)
+             "network_calls_per_image": counted.get("network_calls_per_image", options.network_calls())}
     _finish_everywhere(args, settings, parts, stats)
     return 0
 
