@@ -118,15 +118,59 @@ def test_backend_forward_equals_sdpa(backend: str, masked: bool) -> None:
         torch.testing.assert_close(other(x, ids_keep), sdpa(x, ids_keep), **TOL)
 
 
-def test_explicit_backward_equals_sdpa() -> None:
-    sdpa, explicit = attention("sdpa"), attention("explicit")
-    explicit.load_state_dict(sdpa.state_dict())
+def sdpa_reference(attn: Attention, x: torch.Tensor, ids_keep: torch.Tensor | None) -> torch.Tensor:
+    """The layer computed with torch's SDPA itself, whatever path the layer takes."""
+    q, k, v = attn.qkv_heads(x)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.bias(ids_keep), scale=attn.scale)
+    return attn.proj(out.transpose(1, 2).reshape(x.shape))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "explicit"])
+def test_training_backward_equals_torch_sdpa(backend: str) -> None:
+    ref, attn = attention("sdpa"), attention(backend)
     ids_keep = kept_indices(2, 64, 37)
     x = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(3))
-    for attn in (sdpa, explicit):
-        attn(x, ids_keep).square().sum().backward()
-    for (name, a), b in zip(sdpa.named_parameters(), explicit.parameters()):
+    torch.testing.assert_close(attn(x, ids_keep), sdpa_reference(ref, x, ids_keep), **TOL)
+    attn(x, ids_keep).square().sum().backward()
+    sdpa_reference(ref, x, ids_keep).square().sum().backward()
+    for (name, a), b in zip(ref.named_parameters(), attn.parameters()):
         torch.testing.assert_close(b.grad, a.grad, **TOL, msg=name)
+
+
+class OpLog(TorchDispatchMode):
+    """Counts the aten ops that run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.ops[str(func)] = self.ops.get(str(func), 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_cpu_training_skips_sdpas_math_path_and_inference_keeps_sdpa() -> None:
+    """With a bias that needs grad, CPU SDPA runs its math path: the same softmax plus a
+    fully-masked-row check (isneginf/all/where inside _safe_softmax) that a finite bias never
+    needs. Training on CPU runs the explicit form; inference keeps SDPA's fused CPU kernel."""
+    attn, x = attention("sdpa"), torch.randn(2, 64, 32)
+    with OpLog() as log:
+        attn(x)
+    assert "aten._safe_softmax.default" not in log.ops and log.ops["aten._softmax.default"] == 1
+    with torch.no_grad(), OpLog() as log:
+        attn(x)
+    assert "aten._scaled_dot_product_flash_attention_for_cpu.default" in log.ops, log.ops
+
+
+def test_qkv_split_backward_is_one_stack() -> None:
+    """q, k, v come from one unbind: its backward stacks the three gradients once. Indexing
+    qkv[0], qkv[1], qkv[2] made three select_backward zero-filled [3, B, H, L, D] buffers,
+    then two adds to sum them."""
+    attn = attention("explicit")
+    out = attn(torch.randn(2, 64, 32, requires_grad=True))
+    with OpLog() as log:
+        out.square().sum().backward()
+    assert "aten.select_backward.default" not in log.ops and log.ops["aten.stack.default"] == 1
 
 
 def test_flex_refuses_to_train_on_cpu() -> None:
@@ -182,7 +226,8 @@ def test_sdpa_gets_a_contiguous_bias_in_q_dtype(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
     attn = attention("sdpa")
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    # no_grad: CPU training runs the explicit form (tested below); inference calls SDPA.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         attn(torch.randn(2, 64, 32))
     assert masks[0].shape == (1, 4, 64, 64) and masks[0].is_contiguous() and masks[0].dtype == torch.bfloat16
 

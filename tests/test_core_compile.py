@@ -115,3 +115,51 @@ def test_prepare_model_checkpoints_compiles_and_moves(monkeypatch: pytest.Monkey
     assert not any(getattr(b, "_mdt_compiled", False) for b in plain.blocks())
     with pytest.raises(ConfigError, match="flex.*CPU"):
         engine_mod.prepare_model(config(**{"model.attention": "flex"}), device=torch.device("cpu"))
+
+
+class GraphCapture:
+    """A torch.compile backend that keeps the graphs dynamo hands it and runs them as traced
+    (no inductor: fast), so tests can read what ends up inside a compiled region."""
+
+    def __init__(self) -> None:
+        self.targets: list[set[object]] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        self.targets.append({node.target for node in gm.graph.nodes})
+        return gm.forward
+
+
+def test_compiled_gelu_is_the_sigmoid_form_of_the_same_function() -> None:
+    """Inside a compiled region GELU(tanh) is x * sigmoid(2c(x + 0.044715 x^3)): inductor's CPU
+    tanh is slow. Same values and gradients as aten's kernel; eager keeps aten's kernel."""
+    import torch.nn.functional as F
+
+    from mdt_ds.models.layers import gelu_tanh
+
+    capture = GraphCapture()
+    compiled = torch.compile(gelu_tanh, backend=capture, fullgraph=True)
+    x = (torch.randn(4096, generator=torch.Generator().manual_seed(0)) * 4).requires_grad_(True)
+    got = compiled(x)
+    assert torch.sigmoid in capture.targets[0] and F.gelu not in capture.targets[0]
+    want = F.gelu(x, approximate="tanh")
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-6)
+    (g_got,) = torch.autograd.grad(got.square().sum(), x)
+    (g_want,) = torch.autograd.grad(want.square().sum(), x)
+    torch.testing.assert_close(g_got, g_want, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_compiled_blocks_take_the_gathered_bias_as_an_input() -> None:
+    """On CPU the relative position bias is gathered eagerly and enters each compiled block as
+    an input: fused into the softmax, inductor's C++ gather was a scalar indirect load per score
+    (a 2x slower kernel at S/2). The outputs stay the eager model's."""
+    eager, _ = tiny_pair()
+    compiled = copy.deepcopy(eager).eval()
+    eager.eval()
+    capture = GraphCapture()
+    compile_blocks(compiled, backend=capture)
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 500]), torch.tensor([1, 2])
+    noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(1))
+    for kwargs in ({}, {"enable_mask": True, "mask_ratio": 0.4, "mask_noise": noise}):
+        torch.testing.assert_close(compiled(x, t, y, **kwargs), eager(x, t, y, **kwargs), atol=1e-5, rtol=1e-5)
+    assert capture.targets, "nothing was compiled"
+    assert all(torch.gather not in graph for graph in capture.targets)

@@ -54,13 +54,14 @@ def _checkpointed_forward(
     c: torch.Tensor,
     skip: torch.Tensor | None = None,
     ids_keep: torch.Tensor | None = None,
+    attn_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     # Bound to the block with types.MethodType (not a closure over it), so copy.deepcopy of the
     # model (e.g. an EMA copy) rebinds it to the copied block and its own weights.
     forward = functools.partial(type(self).forward, self)
     if not torch.is_grad_enabled() or not self.training:
-        return forward(x, c, skip, ids_keep)
-    return self._mdt_checkpoint_fn(forward, x, c, skip, ids_keep)
+        return forward(x, c, skip, ids_keep, attn_bias)
+    return self._mdt_checkpoint_fn(forward, x, c, skip, ids_keep, attn_bias)
 
 
 def apply_activation_checkpointing(model: MDTv2, scope: Scope, checkpoint_fn: CheckpointFn | None = None) -> int:
