@@ -268,12 +268,11 @@ class Attention(nn.Module):
             return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
         # Under autocast q is bf16/fp16 while the table is fp32: SDPA needs the mask in q.dtype.
         bias = None if bias is None else bias.to(q.dtype)
-        if self.backend == "explicit":
-            out = explicit_attention(q, k, v, self.bias(ids_keep, q.dtype) if bias is None else bias, self.scale)
-        elif not q.is_cuda and torch.is_grad_enabled():
-            # CPU SDPA has no fused kernel for a mask that needs grad: it runs its math path, the
-            # same computation plus a masked-row check (isneginf, all, where: about 3% of an S/2
-            # step here) that a finite bias never needs. Inference keeps SDPA's fused CPU kernel.
+        # CPU SDPA has no fused kernel for a mask that needs grad: it runs its math path, the same
+        # computation plus a masked-row check (isneginf, all, where: about 3% of an S/2 step here)
+        # that a finite bias never needs. So CPU training runs the explicit form; CPU inference
+        # keeps SDPA's fused kernel.
+        if self.backend == "explicit" or (not q.is_cuda and torch.is_grad_enabled()):
             out = explicit_attention(q, k, v, self.bias(ids_keep, q.dtype) if bias is None else bias, self.scale)
         else:
             if bias is None:
