@@ -9,12 +9,16 @@ variables; a bare ``python`` has none. :func:`launcher_env` maps each onto the t
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import logging
 import os
 import re
 import socket
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 
@@ -110,9 +114,34 @@ def init(argv: Sequence[str] = (), backend: str | None = None, use_deepspeed: bo
     return env
 
 
-def teardown() -> None:
+def teardown(synchronise: bool = False) -> None:
+    """Leave the process group and free it now, while the interpreter is still whole.
+
+    ``synchronise`` (the success path) meets every rank at a barrier first, so that no rank
+    closes its gloo pairs while a peer is still inside a collective; an error path skips it,
+    as a failed peer may never arrive. The collection frees finished work objects whose
+    tensors hold Python references: left to interpreter finalisation, gloo's threads can
+    abort a rank that has finished cleanly ("terminate called without an active exception",
+    pytorch/pytorch#190489 and the discussion in #179291)."""
     if torch.distributed.is_initialized():
+        if synchronise:
+            torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    gc.collect()
+
+
+def exit_launched_rank(code: int) -> NoReturn:
+    """End a launched rank that has already left its group, without interpreter finalisation.
+
+    A finished rank has nothing left to finalise but C++ threads (gloo's, pybind11's) that can
+    abort it while the interpreter shuts down: CI saw one SIGABRT after a clean two-rank
+    sampler run, which torchrun reports as a failed job. For the sampler and the evaluator,
+    whose files are closed by now; the trainer keeps a normal exit, which DataLoader and
+    compile workers need."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def rank() -> int:

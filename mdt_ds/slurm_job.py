@@ -158,10 +158,12 @@ class TrainJob:
         from mdt_ds.train import train
 
         cfg = load_config(self.configs, self.overrides)
+        finished = False
         try:
             result = train(cfg)
+            finished = True
         finally:
-            dist.teardown()
+            dist.teardown(synchronise=finished)
         if result.get("preempted"):
             _after_preemption(job_env, self.max_requeues)
         return result

@@ -198,6 +198,7 @@ def _report(err: Exception) -> None:
 
 def _main(argv: list[str] | None) -> int:
     args, overrides = parse_args(argv)
+    finished = False
     try:
         cfg = load_config(args.config, overrides)
         if args.dry_run:
@@ -209,6 +210,7 @@ def _main(argv: list[str] | None) -> int:
             print(json.dumps({"config": to_dict(cfg), "deepspeed": deepspeed_config(cfg, world)}, indent=2))
             return 0
         result = train(cfg)
+        finished = True
     except Exception as err:
         codes = [code for kind, code in _user_errors().items() if isinstance(err, kind)]
         if not codes:
@@ -216,7 +218,7 @@ def _main(argv: list[str] | None) -> int:
         _report(err)
         return codes[0]
     finally:
-        dist.teardown()
+        dist.teardown(synchronise=finished)
     if result["preempted"]:
         return EXIT_PREEMPTED
     if result.get("already_done"):

@@ -212,14 +212,19 @@ def main(argv: list[str] | None = None) -> int:
     ]
     args = parser().parse_args(rest)
     distributed = command != "show" and _setup()  # show reads one file on one process
+    finished = False
     try:
-        return runner(args)
+        code = runner(args)
+        finished = True
     except (NpzFormatError, InceptionWeightsError, FileNotFoundError) as err:
         print(f"mdt-eval: error: {err}", file=sys.stderr)
-        return 2
+        code = 2
     finally:
         if distributed:
-            dist.teardown()
+            dist.teardown(synchronise=finished)
+    if distributed:
+        dist.exit_launched_rank(code)
+    return code
 
 
 if __name__ == "__main__":

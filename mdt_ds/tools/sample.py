@@ -459,15 +459,20 @@ def main(argv: list[str] | None = None) -> int:
     from mdt_ds.models.codec import CodecError
     from mdt_ds.safe_load import UnsafeCheckpointError
 
+    finished = False
     try:
-        return sample_main(args)
+        code = sample_main(args)
+        finished = True
     except (SampleError, ConfigError, CodecError, UnsafeCheckpointError, FileNotFoundError) as err:
         # One line, as argparse's own errors: the message names the file and the fix.
         print(f"mdt-sample: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        code = 2
     finally:
         if distributed:
-            dist.teardown()
+            dist.teardown(synchronise=finished)
+    if distributed:
+        dist.exit_launched_rank(code)
+    return code
 
 
 if __name__ == "__main__":
