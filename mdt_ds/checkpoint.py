@@ -134,16 +134,79 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+# Per-rank files: DeepSpeed's ZeRO shards ``[bf16_]zero_pp_rank_{r}_mp_rank_00_*.pt``, our
+# ``ema_rank{r:05d}.pt`` and ``universal/rank{r:05d}.safetensors``. Everything else (DeepSpeed's
+# ``mp_rank_00_model_states.pt``: mp_rank is the model-parallel rank, not ours) is rank 0's.
+PER_RANK_FILE = re.compile(r"zero_pp_rank_(\d+)_|(?:^|_)rank(\d{5})\.")
+
+
+def is_own_file(name: str, rank: int) -> bool:
+    """Whether this rank wrote the checkpoint file ``name`` (rank 0: also the shared ones)."""
+    found = PER_RANK_FILE.search(name)
+    if found is None:
+        return rank == 0
+    return int(found.group(1) or found.group(2)) == rank
+
+
 def _fsync_own_files(tmp: Path, rank: int) -> None:
-    """fsync what this rank wrote (DeepSpeed names per-rank files ``*rank_{r}_*``/``rank{r:05d}``);
-    rank 0 also the shared files. A shared filesystem flushes a file from the client that wrote it."""
-    mine = re.compile(rf"(^|_)rank_?0*{rank}(_|\.)")
+    """fsync what this rank wrote: a shared filesystem flushes a file from the client that wrote it."""
     for path in sorted(p for p in tmp.rglob("*") if p.is_file()):
-        if mine.search(path.name) or (rank == 0 and not re.search(r"rank_?\d", path.name)):
+        if is_own_file(path.name, rank):
             fsync_path(path)
 
 
 # --------------------------------------------------------------------------- save
+class _KeepWriteErrors:
+    """DeepSpeed's ``save_checkpoint`` runs collectives between its writes (tag validation, a
+    final barrier). A rank whose write fails would skip them and meet its peers in a different
+    collective: on NCCL a hang or wrong results. All of DeepSpeed's checkpoint I/O goes through
+    ``engine.checkpoint_engine.save/makedirs`` (``save_latest=False``: no ``latest`` file), so
+    the first failure is kept, later writes of that save are skipped, and the collectives run
+    in order; the caller raises the kept error once DeepSpeed has returned."""
+
+    NAMES = ("save", "makedirs")
+
+    def __init__(self, engine) -> None:
+        self.io, self.error = engine.checkpoint_engine, None
+        self.own = {name: vars(self.io)[name] for name in self.NAMES if name in vars(self.io)}
+
+    def __enter__(self) -> _KeepWriteErrors:
+        for name in self.NAMES:
+            setattr(self.io, name, self._kept(getattr(self.io, name)))
+        return self
+
+    def _kept(self, write: Callable) -> Callable:
+        def guarded(*args, **kwargs):
+            if self.error is None:
+                try:
+                    return write(*args, **kwargs)
+                except (OSError, RuntimeError) as err:
+                    self.error = err
+            return None
+
+        return guarded
+
+    def __exit__(self, *exc) -> None:
+        for name in self.NAMES:
+            if name in self.own:
+                setattr(self.io, name, self.own[name])
+            else:
+                delattr(self.io, name)  # the class's own method again
+
+
+def _agree_on(error: BaseException | None, tmp: Path) -> None:
+    """Collective: if any rank failed, every rank raises, after the partial folder is removed."""
+    if not dist.any_rank(error is not None):
+        return
+    if isinstance(error, CheckpointError):
+        message = str(error)
+    else:
+        message = _describe_write_error(error, tmp) if error else "another rank failed to write its part (see its log)"
+    if dist.is_main():  # every rank is done writing: give the partial folder's space back
+        shutil.rmtree(tmp, ignore_errors=True)
+    raise CheckpointError(message) from error
+
+
 def save_training_state(
     engine,
     ema,
@@ -154,8 +217,11 @@ def save_training_state(
     before_publish: Callable[[], None] | None = None,
 ) -> Path:
     """Collective: every rank calls it. Returns the published checkpoint directory. ``meta``
-    joins ``meta.json``; ``before_publish`` (every rank) runs once all writes have succeeded."""
-    from mdt_ds.universal import save_universal
+    joins ``meta.json``; ``before_publish`` (every rank) runs once all writes have succeeded.
+    A write error on any rank (or in ``before_publish``) raises CheckpointError on every rank:
+    each rank's writes are kept apart from the collectives, so all ranks always run the same
+    collectives in the same order."""
+    from mdt_ds.universal import write_fragments, write_index
 
     root = checkpoint_root(run_dir)
     tag = f"step_{step:07d}"
@@ -165,33 +231,49 @@ def save_training_state(
         root.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     error: BaseException | None = None
+    mine: dict = {}
     try:
-        engine.save_checkpoint(str(root), tag=tmp.name, client_state={"step": step}, save_latest=False)
+        with _KeepWriteErrors(engine) as kept:
+            engine.save_checkpoint(str(root), tag=tmp.name, client_state={"step": step}, save_latest=False)
+        if kept.error is not None:
+            raise kept.error
         torch.save(ema.state_dict(), tmp / f"ema_rank{dist.rank():05d}.pt")
-        save_universal(engine, ema, tmp)
-        _fsync_own_files(tmp, dist.rank())
+        mine = write_fragments(engine, ema, tmp)
     except (OSError, RuntimeError) as err:
         error = err
-    if dist.any_rank(error is not None):
-        message = _describe_write_error(error, tmp) if error else "another rank failed to write its part (see its log)"
-        if dist.is_main():  # every rank is done writing: give the partial folder's space back
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(message) from error
-    if before_publish is not None:
-        before_publish()
+    _agree_on(error, tmp)
+    try:
+        write_index(engine, tmp, mine)  # its gather first, then rank 0's index.json
+        _fsync_own_files(tmp, dist.rank())
+        if before_publish is not None:
+            before_publish()
+    except (OSError, RuntimeError, CheckpointError) as err:
+        error = err
+    _agree_on(error, tmp)
     final = root / tag
     if dist.is_main():
-        record = {"step": step, "world_size": dist.world_size(), "zero_stage": engine.zero_optimization_stage(),
-                  "universal": True, **(meta or {})}
-        (tmp / "meta.json").write_text(json.dumps(record) + "\n")
-        fsync_path(tmp / "meta.json")
-        fsync_path(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        fsync_path(root)
-        prune(root, keep)
-    dist.barrier()
+        try:
+            _publish(tmp, final, {"step": step, "world_size": dist.world_size(),
+                                  "zero_stage": engine.zero_optimization_stage(), "universal": True, **(meta or {})})
+        except OSError as err:
+            error = err
+    _agree_on(error, tmp)  # also the barrier: no rank goes on before the checkpoint is published
+    if dist.is_main():
+        try:
+            prune(root, keep)
+        except OSError as err:  # the new checkpoint is published: a failed cleanup must not stop the run
+            log.warning("could not remove old checkpoints under %s: %s", root, err)
     return final
+
+
+def _publish(tmp: Path, final: Path, record: dict) -> None:
+    """Rank 0: ``meta.json`` last (its presence marks a complete checkpoint), fsync, rename."""
+    (tmp / "meta.json").write_text(json.dumps(record) + "\n")
+    fsync_path(tmp / "meta.json")
+    fsync_path(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    fsync_path(final.parent)
 
 
 def prune(root: Path, keep: int) -> list[str]:
@@ -226,10 +308,8 @@ def check_resumable(path: Path, world_size: int, zero_stage: int) -> dict:
 
 
 def _own_files(folder: Path, rank: int) -> list[Path]:
-    """The files of ``folder`` this rank wrote (rank 0: also the shared ones); see _fsync_own_files."""
-    mine = re.compile(rf"(^|_)rank_?0*{rank}(_|\.)")
-    return [p for p in sorted(folder.rglob("*.pt")) if mine.search(p.name)
-            or (rank == 0 and not re.search(r"rank_?\d", p.name))]
+    """The ``.pt`` files of ``folder`` this rank wrote (rank 0: also the shared ones)."""
+    return [p for p in sorted(folder.rglob("*.pt")) if is_own_file(p.name, rank)]
 
 
 def _agree_files_are_safe(path: Path) -> None:

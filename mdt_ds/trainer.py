@@ -16,6 +16,7 @@ import torch
 
 from mdt_ds import dist
 from mdt_ds.checkpoint import (
+    CheckpointError,
     GiB,
     agreed_latest,
     check_free_space,
@@ -449,15 +450,20 @@ class Trainer:
     def snapshot(self) -> None:
         """An EMA snapshot on a step without a checkpoint (``snapshot_every`` apart from ``ckpt_every``)."""
         state = self._gathered_ema()
+        error: CheckpointError | None = None
         if dist.is_main():
             check = free_bytes(self.run_dir) >= self.disk["snapshot"]
             if not check:
                 log.warning("skipping the EMA snapshot of step %d: %.3g GiB free, it needs %.3g GiB", self.step,
                             free_bytes(self.run_dir) / GiB, self.disk["snapshot"] / GiB)
             else:
-                path = save_ema_snapshot(state, self.cfg, self.run_dir, self.step)
-                self.monitor.text(f"step {self.step}: EMA snapshot {path.name}")
-        dist.barrier()
+                try:
+                    path = save_ema_snapshot(state, self.cfg, self.run_dir, self.step)
+                    self.monitor.text(f"step {self.step}: EMA snapshot {path.name}")
+                except CheckpointError as err:  # rank 0's alone: the others must not wait at a barrier
+                    error = err
+        if dist.any_rank(error is not None):  # also the barrier
+            raise error or CheckpointError("rank 0 could not write the EMA snapshot (see its log)")
 
     def evaluate_fid(self) -> dict[str, float]:
         """FID of the EMA model on all ranks (sampling is split across them), logged as eval/fid."""

@@ -218,26 +218,36 @@ def save_universal(engine: deepspeed.DeepSpeedEngine, ema: ShardedEMA, directory
     """Collective. Each rank writes its own fragments (fp32 master, every optimizer state key,
     EMA) to ``directory/universal/rank{r:05d}.safetensors``; rank 0 writes ``index.json`` from the
     small per-rank fragment lists (all_gather_object: names and offsets, no tensors)."""
+    write_index(engine, directory, write_fragments(engine, ema, directory))
+    dist.barrier()
+
+
+def write_fragments(engine: deepspeed.DeepSpeedEngine, ema: ShardedEMA, directory: Path) -> dict:
+    """This rank's part of :func:`save_universal`, no collective: its fragments' file. Returns
+    what :func:`write_index` gathers. A write error raises here, before any collective."""
     out = Path(directory) / SUBDIR
     out.mkdir(parents=True, exist_ok=True)
-    rank, world = dist.get_rank(), dist.get_world_size()
     frags = local_fragments(engine)
     tensors: dict[str, torch.Tensor] = {}
     for f, shadow in zip(frags, _ema_views(ema, frags)):
         # a copy (one, also from a GPU): safetensors refuses views that share storage
         for key, view in ((MASTER, f.master), *f.state.items(), (EMA, shadow)):
             tensors[f"{f.name}@{f.start}/{key}"] = view.detach().to("cpu", torch.float32, copy=True)
-    save_file(tensors, str(out / f"rank{rank:05d}.safetensors"), metadata={"format": str(FORMAT)})
+    save_file(tensors, str(out / f"rank{dist.get_rank():05d}.safetensors"), metadata={"format": str(FORMAT)})
     del tensors
-    mine = {
+    return {
         "fragments": [(f.name, f.start, f.numel) for f in frags],
         "keys": {k: str(v.dtype).removeprefix("torch.") for f in frags for k, v in f.state.items()},
     }
-    everyone: list[Any] = [None] * world
+
+
+def write_index(engine: deepspeed.DeepSpeedEngine, directory: Path, mine: dict) -> None:
+    """Collective, the gather first: every rank reaches it, then rank 0 writes ``index.json``
+    (an error there is rank 0's alone; the caller agrees on it)."""
+    everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
-    if rank == 0:
-        _write_index(engine, out, everyone)
-    dist.barrier()
+    if dist.get_rank() == 0:
+        _write_index(engine, Path(directory) / SUBDIR, everyone)
 
 
 def _write_index(engine: deepspeed.DeepSpeedEngine, out: Path, everyone: list[dict]) -> None:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from mdt_ds import dist
 from mdt_ds.checkpoint import CheckpointError, check_free_space, prune, prune_snapshots, remove_stale
 from mdt_ds.config import TrainConfig, apply_overrides
 from mdt_ds.rundir import RunDirBusy, lock_run_dir
@@ -74,17 +78,33 @@ def test_a_moved_run_dir_resumes_but_another_config_is_refused(tmp_path: Path) -
         prepare_run_dir(apply_overrides(cfg, [f"run_dir={tmp_path / 'b'}", "optim.lr=2e-3"]))
 
 
-class FakeEngine:
-    """What save_training_state needs of a DeepSpeed engine: a save that writes (or fails)."""
+class FakeIO:
+    """DeepSpeed's checkpoint engine: every write of ``save_checkpoint`` goes through it."""
 
-    def __init__(self, fail: BaseException | None = None) -> None:
+    def __init__(self, fail: BaseException | None) -> None:
         self.fail = fail
 
-    def save_checkpoint(self, root: str, tag: str, client_state: dict, save_latest: bool) -> None:
-        (Path(root) / tag).mkdir(parents=True, exist_ok=True)
-        (Path(root) / tag / "mp_rank_00_model_states.pt").write_bytes(b"x" * 1000)
+    def makedirs(self, path: str, exist_ok: bool = False) -> None:
+        os.makedirs(path, exist_ok=exist_ok)
+
+    def save(self, state_dict: dict, path: str) -> None:
+        Path(path).write_bytes(b"x" * 1000)
         if self.fail is not None:
             raise self.fail
+
+
+class FakeEngine:
+    """What save_training_state needs of a DeepSpeed engine: DeepSpeed 0.19's save_checkpoint
+    shape (barrier, writes through its checkpoint engine, barrier), with a write that may fail."""
+
+    def __init__(self, fail: BaseException | None = None) -> None:
+        self.checkpoint_engine = FakeIO(fail)
+
+    def save_checkpoint(self, root: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        dist.barrier()
+        self.checkpoint_engine.makedirs(str(Path(root) / tag), exist_ok=True)
+        self.checkpoint_engine.save({}, str(Path(root) / tag / "mp_rank_00_model_states.pt"))
+        dist.barrier()
 
     def zero_optimization_stage(self) -> int:
         return 2
@@ -99,7 +119,8 @@ class FakeEMA:
 def fake_universal(monkeypatch: pytest.MonkeyPatch) -> None:
     import mdt_ds.universal
 
-    monkeypatch.setattr(mdt_ds.universal, "save_universal", lambda engine, ema, folder: None)
+    monkeypatch.setattr(mdt_ds.universal, "write_fragments", lambda engine, ema, folder: {})
+    monkeypatch.setattr(mdt_ds.universal, "write_index", lambda engine, folder, mine: None)
 
 
 def test_the_snapshot_is_written_before_its_checkpoint_is_published(tmp_path: Path, fake_universal: None) -> None:
@@ -135,6 +156,100 @@ def test_a_full_disk_names_the_path_and_keeps_the_last_checkpoint(
         ckpt.save_training_state(FakeEngine(OSError(5, "Input/output error")), FakeEMA(), tmp_path, 6)
 
 
+TWO_RANK_SAVES = """
+import errno, json, os, sys
+from pathlib import Path
+import torch
+from mdt_ds import dist
+import mdt_ds.universal as universal
+from mdt_ds.checkpoint import CheckpointError, find_latest, save_training_state
+from tests.test_run_safety import FakeEMA, FakeEngine
+
+def gather_only(engine, folder, mine):  # the real write_index's collective, without the engine
+    torch.distributed.all_gather_object([None] * dist.world_size(), mine)
+
+universal.write_fragments, universal.write_index = (lambda engine, ema, folder: {}), gather_only
+dist.init()
+run, rank, seen = Path(sys.argv[1]), dist.rank(), {}
+(run.parent / f"pid{rank}").write_text(str(os.getpid()))  # torchrun's workers lead their own sessions
+
+def attempt(name, step, engine, before_publish=None):
+    try:
+        save_training_state(engine, FakeEMA(), run, step, before_publish=before_publish)
+        seen[name] = "published"
+    except CheckpointError as err:
+        seen[name] = str(err)
+
+def rank_0_snapshot_fails():
+    if rank == 0:
+        raise CheckpointError("the EMA snapshot could not be written")
+
+attempt("ok", 2, FakeEngine())
+full = OSError(errno.ENOSPC, "No space left on device")
+attempt("rank_1_disk_full", 4, FakeEngine(full if rank == 1 else None))
+attempt("rank_0_snapshot", 6, FakeEngine(), before_publish=rank_0_snapshot_fails)
+attempt("after", 8, FakeEngine())
+
+import types
+import mdt_ds.trainer as trainer
+
+def snapshot_fails(state, cfg, run_dir, step):
+    raise CheckpointError("the EMA snapshot could not be written")
+
+trainer.save_ema_snapshot = snapshot_fails  # on rank 0, the only writer
+fake = types.SimpleNamespace(_gathered_ema=dict, run_dir=run, disk={"snapshot": 0}, step=10, cfg=None)
+try:
+    trainer.Trainer.snapshot(fake)
+    seen["snapshot_alone"] = "written"
+except CheckpointError as err:
+    seen["snapshot_alone"] = str(err)
+seen["latest"] = find_latest(run).name
+seen["folders"] = sorted(p.name for p in (run / "checkpoints").iterdir())
+(run / f"rank{rank}.json").write_text(json.dumps(seen))
+dist.teardown(synchronise=True)
+"""
+
+
+def test_a_write_error_on_one_rank_stops_every_rank_without_a_hang(tmp_path: Path) -> None:
+    """Rank 1's DeepSpeed write fails (full disk) while DeepSpeed's save still has a barrier to
+    run, then rank 0's snapshot fails before publishing, then a snapshot of its own: before the fix the failed rank skipped
+    that barrier and met its peer in another collective (a hang on NCCL). Now every rank raises
+    CheckpointError with the reason, the last good checkpoint stays the latest, and saving goes
+    on afterwards."""
+    from tests.conftest import REPO, subprocess_env, torchrun_command
+
+    script = tmp_path / "saves.py"
+    script.write_text(TWO_RANK_SAVES)
+    run = tmp_path / "run"
+    env = subprocess_env()
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        env.pop(key, None)
+    proc = subprocess.Popen(torchrun_command(2, str(script), str(run)), env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        for pid in tmp_path.glob("pid*"):  # the workers first: they hold the pipes open
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid.read_text()), signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=30)
+        pytest.fail(f"the ranks hung in mismatched collectives:\n{out[-2000:]}\n{err[-2000:]}")
+    assert proc.returncode == 0, out[-2000:] + err[-3000:]
+    seen = [json.loads((run / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for rank in seen:
+        assert rank["ok"] == rank["after"] == "published"
+        assert rank["latest"] == "step_0000008"
+        assert rank["folders"] == ["step_0000002", "step_0000008"]  # no partial step 4 or 6 left
+    assert "no space left on device" in seen[1]["rank_1_disk_full"]
+    assert "another rank failed" in seen[0]["rank_1_disk_full"]
+    assert seen[0]["rank_0_snapshot"] == "the EMA snapshot could not be written"
+    assert "another rank failed" in seen[1]["rank_0_snapshot"]
+    # a snapshot without a checkpoint (snapshot_every): rank 0's failure reaches rank 1 too
+    assert seen[0]["snapshot_alone"] == "the EMA snapshot could not be written"
+    assert "rank 0 could not write the EMA snapshot" in seen[1]["snapshot_alone"]
+
+
 def test_every_rank_resumes_the_checkpoint_rank_0_chose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rank 1 sees a newer checkpoint on disk (a second job published it meanwhile); the decision
     broadcast from rank 0 wins, so all ranks load the same one."""
@@ -154,3 +269,22 @@ def test_every_rank_resumes_the_checkpoint_rank_0_chose(tmp_path: Path, monkeypa
     monkeypatch.setattr(ckpt.dist, "from_main", lambda value: "step_0000004")
     assert ckpt.find_latest(tmp_path) == root / "step_0000006"
     assert ckpt.agreed_latest(tmp_path) == root / "step_0000004"
+
+
+def test_each_rank_claims_only_its_own_checkpoint_files(tmp_path: Path) -> None:
+    """Rank 0 used to claim every rank's ZeRO shard (``mp_rank_00`` is the model-parallel rank):
+    on 64 GPUs it fsynced and, on resume, opened all 64 ranks' optimizer files."""
+    from mdt_ds.checkpoint import _own_files
+
+    names = ["mp_rank_00_model_states.pt", "ema_rank00000.pt", "ema_rank00001.pt", "ema_rank00010.pt"]
+    names += [f"{p}zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1, 10) for p in ("", "bf16_")]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    owned = {r: sorted(p.name for p in _own_files(tmp_path, r)) for r in (0, 1, 10, 2)}
+    assert owned[0] == sorted(["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "ema_rank00000.pt",
+                               "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+    assert owned[1] == sorted(["bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt", "ema_rank00001.pt",
+                               "zero_pp_rank_1_mp_rank_00_optim_states.pt"])
+    assert owned[10] == sorted(["bf16_zero_pp_rank_10_mp_rank_00_optim_states.pt", "ema_rank00010.pt",
+                                "zero_pp_rank_10_mp_rank_00_optim_states.pt"])
+    assert owned[2] == []
