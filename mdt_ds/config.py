@@ -435,6 +435,13 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     if "stage" in zero and zero["stage"] != cfg.zero_stage:
         raise ConfigError(f"deepspeed.zero_optimization.stage={zero['stage']} contradicts zero_stage={cfg.zero_stage}")
     zero["stage"] = cfg.zero_stage
+    offload = sorted(k for k in ("offload_optimizer", "offload_param") if zero.get(k, {}).get("device", "none") != "none")
+    if offload:
+        # The EMA shadows sit beside the fp32 master fragments, and their collectives assume
+        # them on the accelerator; offloaded fragments live on the host (NCCL refuses them).
+        raise ConfigError(f"deepspeed.zero_optimization.{offload[0]} is not supported: the EMA and the universal "
+                          "checkpoint keep the fp32 fragments on the GPU. Use activation_checkpointing or a higher "
+                          "zero_stage to save memory instead.")
     ds = {
         **cfg.deepspeed,
         "train_batch_size": cfg.global_batch,

@@ -263,3 +263,15 @@ def test_grad_reduce_dtype_conflicting_with_a_deepspeed_knob_is_refused() -> Non
     assert deepspeed_config(same, world_size=1)["communication_data_type"] == "fp32"
     kept = TrainConfig(global_batch=8, deepspeed={"communication_data_type": "fp32"})  # auto keeps the knob
     assert deepspeed_config(kept, world_size=1)["communication_data_type"] == "fp32"
+
+
+def test_zero_offload_is_refused_in_one_line() -> None:
+    """Offloaded fp32 fragments live on the host, where the EMA's NCCL collectives would fail."""
+    from mdt_ds.config import deepspeed_config
+
+    for key in ("offload_optimizer", "offload_param"):
+        cfg = TrainConfig(global_batch=8, zero_stage=3, deepspeed={"zero_optimization": {key: {"device": "cpu"}}})
+        with pytest.raises(ConfigError, match=f"zero_optimization.{key} is not supported"):
+            deepspeed_config(cfg, world_size=1)
+    off = TrainConfig(global_batch=8, deepspeed={"zero_optimization": {"offload_optimizer": {"device": "none"}}})
+    assert deepspeed_config(off, world_size=1)["zero_optimization"]["offload_optimizer"] == {"device": "none"}
