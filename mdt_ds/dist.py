@@ -102,6 +102,7 @@ def init(argv: Sequence[str] = (), backend: str | None = None, use_deepspeed: bo
     env = launcher_env(argv=argv)
     export(env)
     if torch.cuda.is_available():
+        check_gpu_visible(env.local_rank, torch.cuda.device_count())
         torch.cuda.set_device(env.local_rank)
     if not torch.distributed.is_initialized():
         if use_deepspeed:
@@ -112,6 +113,19 @@ def init(argv: Sequence[str] = (), backend: str | None = None, use_deepspeed: bo
             backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
             torch.distributed.init_process_group(backend, rank=env.rank, world_size=env.world_size)
     return env
+
+
+def check_gpu_visible(local_rank: int, visible: int) -> None:
+    """One line instead of CUDA's "invalid device ordinal" from deep inside DeepSpeed, which
+    also places each process on ``cuda:LOCAL_RANK``."""
+    if local_rank >= visible:
+        from mdt_ds.config import ConfigError
+
+        raise ConfigError(
+            f"LOCAL_RANK={local_rank} but this process sees {visible} GPU(s): each process needs all GPUs of its "
+            f"node visible. Slurm's per-task binding (--gpus-per-task, --gpu-bind=single) hides them; request "
+            f"--gpus-per-node=N as slurm/*.sbatch do, and check CUDA_VISIBLE_DEVICES."
+        )
 
 
 def teardown(synchronise: bool = False) -> None:

@@ -215,3 +215,12 @@ def test_a_finished_rank_exits_with_its_code_and_output_before_finalisation(tmp_
     )
     assert proc.returncode == code, proc.stderr[-2000:]
     assert proc.stdout == "images written\n"
+
+
+def test_a_rank_without_its_gpu_is_one_clear_error() -> None:
+    """srun --gpus-per-task=1 shows each task one GPU: LOCAL_RANK 5 would fail deep in CUDA."""
+    from mdt_ds.config import ConfigError
+
+    dist.check_gpu_visible(7, 8)
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK=5 but this process sees 1 GPU\(s\).*--gpus-per-node"):
+        dist.check_gpu_visible(5, 1)
