@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -152,3 +153,32 @@ def test_inception_download_is_refused_offline(monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(inception.InceptionWeightsError, match="nothing is downloaded"):
         inception.resolve_weights("download")
+
+
+def test_a_downloaded_inception_file_appears_with_its_hash_already_beside_it(tmp_path, monkeypatch) -> None:
+    """Ranks sharing a cache: one that finds the weights file must find its complete .sha256
+    too (it was written after the rename, so a rank could read it empty and crash)."""
+    import io
+    import os
+    import urllib.request
+
+    from mdt_ds.metrics import inception
+
+    payload = b"weights" * 1000
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("MDT_OFFLINE", raising=False)
+    monkeypatch.delenv("MDT_INCEPTION_SHA256", raising=False)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(payload))
+    dest = tmp_path / "pt_inception.pth"
+    seen, replace = [], os.replace
+
+    def watched_replace(src, dst):
+        replace(src, dst)
+        if Path(dst) == dest:  # the moment another rank could see the weights
+            sidecar = dest.with_name(dest.name + ".sha256")
+            seen.append(sidecar.read_text() if sidecar.exists() else "")
+
+    monkeypatch.setattr(inception.os, "replace", watched_replace)
+    assert inception.download_weights(dest) == dest and dest.read_bytes() == payload
+    assert len(seen) == 1 and seen[0].split()[0] == hashlib.sha256(payload).hexdigest()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pt_inception.pth", "pt_inception.pth.sha256"]

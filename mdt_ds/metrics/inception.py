@@ -102,7 +102,7 @@ def _verify(path: Path, source: str) -> WeightsFile:
         )
     if pinned and digest != pinned:
         raise InceptionWeightsError(f"{path}: SHA-256 {digest} differs from MDT_INCEPTION_SHA256={pinned}")
-    if sidecar.is_file() and digest != sidecar.read_text().split()[0].lower():
+    if sidecar.is_file() and digest != (sidecar.read_text().split() or [""])[0].lower():
         raise InceptionWeightsError(
             f"{path}: SHA-256 {digest} differs from the hash recorded in {sidecar} when it "
             "was downloaded: the file changed; delete both and download again"
@@ -126,8 +126,13 @@ def download_weights(dest: Path | None = None, timeout: float = 60.0) -> Path:
             pinned = os.environ.get("MDT_INCEPTION_SHA256", "").strip().lower()
             if pinned and digest != pinned:
                 raise InceptionWeightsError(f"downloaded {url} has SHA-256 {digest}, not MDT_INCEPTION_SHA256={pinned}")
+            # The hash first, each by an atomic rename: a process that finds ``dest`` (another
+            # rank sharing the cache) always finds its complete sidecar beside it.
+            sidecar = dest.with_name(dest.name + ".sha256")
+            sidecar_part = sidecar.with_name(sidecar.name + f".part{os.getpid()}")
+            sidecar_part.write_text(f"{digest}  {url}\n")
+            os.replace(sidecar_part, sidecar)
             os.replace(part, dest)
-            dest.with_name(dest.name + ".sha256").write_text(f"{digest}  {url}\n")
             return dest
         except OSError as err:
             errors.append(f"{url}: {err}")
