@@ -102,8 +102,7 @@ def init(argv: Sequence[str] = (), backend: str | None = None, use_deepspeed: bo
     env = launcher_env(argv=argv)
     export(env)
     if torch.cuda.is_available():
-        check_gpu_visible(env.local_rank, torch.cuda.device_count())
-        torch.cuda.set_device(env.local_rank)
+        torch.cuda.set_device(local_gpu(env.local_rank, torch.cuda.device_count(), shown_one_each=not use_deepspeed))
     if not torch.distributed.is_initialized():
         if use_deepspeed:
             import deepspeed
@@ -115,17 +114,23 @@ def init(argv: Sequence[str] = (), backend: str | None = None, use_deepspeed: bo
     return env
 
 
-def check_gpu_visible(local_rank: int, visible: int) -> None:
-    """One line instead of CUDA's "invalid device ordinal" from deep inside DeepSpeed, which
-    also places each process on ``cuda:LOCAL_RANK``."""
-    if local_rank >= visible:
-        from mdt_ds.config import ConfigError
+def local_gpu(local_rank: int, visible: int, shown_one_each: bool = True) -> int:
+    """This process's CUDA index: ``LOCAL_RANK`` when all GPUs of the node are visible; 0 when the
+    launcher shows each process only its own (``srun --gpus-per-task=1``), if the caller allows
+    that (``shown_one_each``; DeepSpeed places itself on ``cuda:LOCAL_RANK`` and cannot). Anything
+    else is one clear error instead of CUDA's "invalid device ordinal" from deep inside."""
+    if local_rank < visible:
+        return local_rank
+    if visible == 1 and shown_one_each:
+        return 0
+    from mdt_ds.config import ConfigError
 
-        raise ConfigError(
-            f"LOCAL_RANK={local_rank} but this process sees {visible} GPU(s): each process needs all GPUs of its "
-            f"node visible. Slurm's per-task binding (--gpus-per-task, --gpu-bind=single) hides them; request "
-            f"--gpus-per-node=N as slurm/*.sbatch do, and check CUDA_VISIBLE_DEVICES."
-        )
+    binding = "" if shown_one_each else " (training needs all GPUs of its node visible)"
+    raise ConfigError(
+        f"LOCAL_RANK={local_rank} but this process sees {visible} GPU(s){binding}. Slurm's per-task binding "
+        f"(--gpus-per-task, --gpu-bind=single) hides the others: request --gpus-per-node=N as slurm/*.sbatch "
+        f"do, and check CUDA_VISIBLE_DEVICES."
+    )
 
 
 def teardown(synchronise: bool = False) -> None:

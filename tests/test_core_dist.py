@@ -217,10 +217,13 @@ def test_a_finished_rank_exits_with_its_code_and_output_before_finalisation(tmp_
     assert proc.stdout == "images written\n"
 
 
-def test_a_rank_without_its_gpu_is_one_clear_error() -> None:
-    """srun --gpus-per-task=1 shows each task one GPU: LOCAL_RANK 5 would fail deep in CUDA."""
+def test_each_process_finds_its_gpu_or_one_clear_error() -> None:
+    """srun --gpus-per-task=1 shows each task one GPU, as cuda:0: cuda:LOCAL_RANK would fail deep
+    in CUDA. The extractor and sampler take cuda:0 then; DeepSpeed training cannot, and says so."""
     from mdt_ds.config import ConfigError
 
-    dist.check_gpu_visible(7, 8)
-    with pytest.raises(ConfigError, match=r"LOCAL_RANK=5 but this process sees 1 GPU\(s\).*--gpus-per-node"):
-        dist.check_gpu_visible(5, 1)
+    assert dist.local_gpu(7, 8) == 7 and dist.local_gpu(5, 1) == 0 and dist.local_gpu(0, 1, shown_one_each=False) == 0
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK=5 but this process sees 1 GPU\(s\) \(training.*--gpus-per-node"):
+        dist.local_gpu(5, 1, shown_one_each=False)
+    with pytest.raises(ConfigError, match=r"LOCAL_RANK=5 but this process sees 2 GPU\(s\)\. Slurm"):
+        dist.local_gpu(5, 2)

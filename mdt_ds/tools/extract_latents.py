@@ -39,7 +39,7 @@ from mdt_ds.data.shards import (
     write_manifest,
     write_shard,
 )
-from mdt_ds.dist import launcher_env
+from mdt_ds.dist import launcher_env, local_gpu
 from mdt_ds.models.codec import CodecError, load_codec
 
 log = logging.getLogger("mdt_ds.extract")
@@ -252,7 +252,9 @@ def _setup_logging(rank: int) -> None:
 
 
 def _load_codec(args: argparse.Namespace, local_rank: int) -> Any:
-    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    # cuda:0 under srun --gpus-per-task=1, which shows each task only its own GPU
+    device = args.device or (f"cuda:{local_gpu(local_rank, torch.cuda.device_count())}" if torch.cuda.is_available()
+                             else "cpu")
     codec = load_codec(args.codec, device)
     # fp32 by default on every device, as the release encodes; bf16 only when asked for.
     if hasattr(codec, "vae") and args.precision == "bf16":
