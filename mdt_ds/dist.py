@@ -16,11 +16,13 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,23 @@ def any_rank(flag: bool) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
     torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
     return bool(value.item())
+
+
+def load_everywhere(load: Callable[[], T], what: str) -> T:
+    """Collective: ``load()`` on every rank (weights, a codec); if it fails on any rank, every
+    rank raises ConfigError naming the reason, instead of the others waiting in the next
+    collective until the process-group timeout."""
+    error: Exception | None = None
+    try:
+        value = load()
+    except Exception as err:  # noqa: BLE001 - whatever it is, every rank must hear of it
+        error = err
+    if any_rank(error is not None):
+        from mdt_ds.config import ConfigError
+
+        reason = f"{type(error).__name__}: {error}" if error else "it failed on another rank (see its log)"
+        raise ConfigError(f"could not load {what} on rank {rank()}: {' '.join(reason.split())}") from error
+    return value
 
 
 def from_main(value: object) -> object:

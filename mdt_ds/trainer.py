@@ -469,6 +469,7 @@ class Trainer:
         """FID of the EMA model on all ranks (sampling is split across them), logged as eval/fid."""
         from mdt_ds.grids import codec_for_source, sample_options
         from mdt_ds.metrics import fid_for_model
+        from mdt_ds.metrics.training import cached_extractor
         from mdt_ds.models import build_model
 
         cfg = self.cfg
@@ -476,11 +477,12 @@ class Trainer:
             model = build_model(cfg.model, device=self.device)  # random init, overwritten at once
         model.load_state_dict(self._gathered_ema(), strict=True)
         options = sample_options(cfg.diffusion, cfg.fid_steps)
-        result = fid_for_model(
-            model.eval(), codec_for_source(cfg.data.source, cfg.model.in_channels, device=self.device), cfg.fid_ref,
-            num_images=cfg.fid_images, seed=cfg.seed, options=options, inception=cfg.fid_inception or None,
-            device=self.device,
-        )
+        codec, extractor = dist.load_everywhere(lambda: (
+            codec_for_source(cfg.data.source, cfg.model.in_channels, device=self.device),
+            cached_extractor(cfg.fid_inception or None, self.device),
+        ), "the VAE and the Inception network for the in-training FID")
+        result = fid_for_model(model.eval(), codec, cfg.fid_ref, num_images=cfg.fid_images, seed=cfg.seed,
+                               options=options, extractor=extractor, device=self.device)
         self.monitor.log(self.step, {"fid": result["fid"], "sfid": result["sfid"]}, prefix="eval")
         return result
 

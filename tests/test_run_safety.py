@@ -205,6 +205,15 @@ except CheckpointError as err:
     seen["snapshot_alone"] = str(err)
 seen["latest"] = find_latest(run).name
 seen["folders"] = sorted(p.name for p in (run / "checkpoints").iterdir())
+def load_weights():
+    if rank == 1:
+        raise FileNotFoundError("/cache/inception.pt is missing")
+    return "weights"
+
+try:
+    seen["load"] = dist.load_everywhere(load_weights, "the Inception network")
+except Exception as err:
+    seen["load"] = f"{type(err).__name__}: {err}"
 (run / f"rank{rank}.json").write_text(json.dumps(seen))
 dist.teardown(synchronise=True)
 """
@@ -215,7 +224,7 @@ def test_a_write_error_on_one_rank_stops_every_rank_without_a_hang(tmp_path: Pat
     run, then rank 0's snapshot fails before publishing, then a snapshot of its own: before the fix the failed rank skipped
     that barrier and met its peer in another collective (a hang on NCCL). Now every rank raises
     CheckpointError with the reason, the last good checkpoint stays the latest, and saving goes
-    on afterwards."""
+    on afterwards. A load that fails on one rank (the in-training FID's networks) reaches both."""
     from tests.conftest import REPO, subprocess_env, torchrun_command
 
     script = tmp_path / "saves.py"
@@ -248,6 +257,10 @@ def test_a_write_error_on_one_rank_stops_every_rank_without_a_hang(tmp_path: Pat
     # a snapshot without a checkpoint (snapshot_every): rank 0's failure reaches rank 1 too
     assert seen[0]["snapshot_alone"] == "the EMA snapshot could not be written"
     assert "rank 0 could not write the EMA snapshot" in seen[1]["snapshot_alone"]
+    # a load that fails on one rank (in-training FID's VAE and Inception): both ranks hear of it
+    assert seen[1]["load"] == ("ConfigError: could not load the Inception network on rank 1: "
+                               "FileNotFoundError: /cache/inception.pt is missing")
+    assert seen[0]["load"].startswith("ConfigError: could not load the Inception network on rank 0: it failed on")
 
 
 def test_every_rank_resumes_the_checkpoint_rank_0_chose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
