@@ -517,6 +517,9 @@ def test_grid_and_fid_run_on_the_engine_device(tmp_path: Path, monkeypatch: pyte
         return {"fid": 1.0, "sfid": 2.0}
 
     monkeypatch.setattr(metrics, "fid_for_model", fake_fid)
+    import mdt_ds.metrics.training as training
+
+    monkeypatch.setattr(training, "cached_extractor", lambda spec, device: calls.setdefault("extractor", device))
     tr = bare_trainer(tmp_path, "fid_every=1", "fid_images=4")
     tr.device = torch.device("meta")
     state = build_model(tr.cfg.model).state_dict()
@@ -526,6 +529,7 @@ def test_grid_and_fid_run_on_the_engine_device(tmp_path: Path, monkeypatch: pyte
     assert calls["grid"]["device"] == tr.device and tr.monitor.images == [0]
     assert calls["codec"]["device"] == tr.device
     assert calls["fid"]["device"] == tr.device and calls["fid"]["model_device"] == tr.device
+    assert calls["extractor"] == tr.device and calls["fid"]["extractor"] == tr.device  # loaded once, agreed
 
 
 def test_mfu_peak_from_the_device_table_and_measured_peak_logged(
