@@ -198,19 +198,20 @@ def any_rank(flag: bool) -> bool:
 
 
 def load_everywhere(load: Callable[[], T], what: str) -> T:
-    """Collective: ``load()`` on every rank (weights, a codec); if it fails on any rank, every
-    rank raises ConfigError naming the reason, instead of the others waiting in the next
-    collective until the process-group timeout."""
+    """Collective: ``load()`` on every rank (weights, a codec, the data); if it fails on any rank,
+    that rank raises its own error and every other rank a ConfigError saying so, instead of
+    waiting in the next collective until the process-group timeout."""
     error: Exception | None = None
     try:
         value = load()
     except Exception as err:  # noqa: BLE001 - whatever it is, every rank must hear of it
         error = err
     if any_rank(error is not None):
+        if error is not None:
+            raise error
         from mdt_ds.config import ConfigError
 
-        reason = f"{type(error).__name__}: {error}" if error else "it failed on another rank (see its log)"
-        raise ConfigError(f"could not load {what} on rank {rank()}: {' '.join(reason.split())}") from error
+        raise ConfigError(f"could not load {what}: it failed on another rank (see its log)")
     return value
 
 

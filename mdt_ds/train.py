@@ -171,13 +171,14 @@ def _user_errors() -> dict[type, int]:
     2 for what the user can fix (config, data, files), 1 for a run that failed."""
     from mdt_ds.checkpoint import CheckpointError, ResumeError
     from mdt_ds.data.shards import ShardError
+    from mdt_ds.metrics.inception import InceptionWeightsError
     from mdt_ds.models.codec import CodecError
     from mdt_ds.safe_load import UnsafeCheckpointError
     from mdt_ds.trainer import TrainingDiverged
     from mdt_ds.universal import UniversalError
 
     return {ConfigError: 2, UnsafeCheckpointError: 2, ResumeError: 2, UniversalError: 2, ShardError: 2,
-            CodecError: 2, TrainingDiverged: 1, CheckpointError: 1}
+            CodecError: 2, InceptionWeightsError: 2, TrainingDiverged: 1, CheckpointError: 1}
 
 
 def _report(err: Exception) -> None:

@@ -155,19 +155,26 @@ class Trainer:
 
     def _build_loader(self, start_micro_step: int):
         from mdt_ds.data.loader import build_loader
+        from mdt_ds.data.shards import ShardError
 
         data = self.cfg.data
         # The data position the resumed checkpoint saved: in split (epoch) mode a new layout
         # finishes the epoch over the samples the old one had not seen (mdt_ds.data.position).
         saved = self.resume_meta.get("data_position")
-        loader = build_loader(
+        loader = dist.load_everywhere(lambda: build_loader(
             data.source, batch_size=self.micro, seed=self.cfg.seed, rank=self.env.rank,
             world_size=self.env.world_size, num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer,
             resampled=data.resampled, start_step=start_micro_step, skip_corrupt=data.skip_corrupt,
             # Pinned batches make the non_blocking copy below asynchronous; on a CPU-only
             # machine pinning only warns, so only for CUDA.
             pin_memory=self.device.type == "cuda", resume_from=saved,
-        )
+        ), f"the training data {data.source}")
+        # Every rank must split the same shard list: with skip_corrupt, a shard that one node
+        # failed to read (a transient error) would silently change that rank's split only.
+        shards = list(loader.stream.spec.shards)
+        if dist.any_rank(dist.from_main(shards) != shards):
+            raise ShardError(f"{data.source}: the ranks found different usable shards (data.skip_corrupt dropped "
+                             "different ones): check the shards (mdt-extract-latents --verify) and rerun")
         if saved is not None and saved["world_size"] != self.env.world_size:
             log.info("data: continuing at global sample %d (saved by %d processes, now %d; %s mode)",
                      saved["samples"], saved["world_size"], self.env.world_size, saved["mode"])

@@ -214,6 +214,29 @@ try:
     seen["load"] = dist.load_everywhere(load_weights, "the Inception network")
 except Exception as err:
     seen["load"] = f"{type(err).__name__}: {err}"
+import mdt_ds.data.loader as loader_mod
+from mdt_ds.config import TrainConfig
+from mdt_ds.data.shards import ShardError
+
+def build_split(**shards_by_rank):
+    def build(*args, **kwargs):
+        if shards_by_rank[f"r{rank}"] is None:
+            raise ShardError("/data/in256/shard-000001.tar: truncated")
+        return types.SimpleNamespace(stream=types.SimpleNamespace(spec=types.SimpleNamespace(
+            shards=shards_by_rank[f"r{rank}"])))
+    return build
+
+me = types.SimpleNamespace(cfg=TrainConfig(), micro=2, env=types.SimpleNamespace(rank=rank, world_size=2),
+                           device=torch.device("cpu"), resume_meta={})
+for name, split in (("same_split", build_split(r0=("a", "b"), r1=("a", "b"))),
+                    ("other_split", build_split(r0=("a", "b"), r1=("a",))),  # skip_corrupt dropped b on rank 1
+                    ("rank_1_data", build_split(r0=("a", "b"), r1=None))):
+    loader_mod.build_loader = split
+    try:
+        trainer.Trainer._build_loader(me, 0)
+        seen[name] = "built"
+    except Exception as err:
+        seen[name] = f"{type(err).__name__}: {err}"
 (run / f"rank{rank}.json").write_text(json.dumps(seen))
 dist.teardown(synchronise=True)
 """
@@ -224,7 +247,8 @@ def test_a_write_error_on_one_rank_stops_every_rank_without_a_hang(tmp_path: Pat
     run, then rank 0's snapshot fails before publishing, then a snapshot of its own: before the fix the failed rank skipped
     that barrier and met its peer in another collective (a hang on NCCL). Now every rank raises
     CheckpointError with the reason, the last good checkpoint stays the latest, and saving goes
-    on afterwards. A load that fails on one rank (the in-training FID's networks) reaches both."""
+    on afterwards. A load that fails on one rank (the in-training FID's networks, the training
+    data) reaches both, and ranks that found different usable shards stop."""
     from tests.conftest import REPO, subprocess_env, torchrun_command
 
     script = tmp_path / "saves.py"
@@ -258,9 +282,14 @@ def test_a_write_error_on_one_rank_stops_every_rank_without_a_hang(tmp_path: Pat
     assert seen[0]["snapshot_alone"] == "the EMA snapshot could not be written"
     assert "rank 0 could not write the EMA snapshot" in seen[1]["snapshot_alone"]
     # a load that fails on one rank (in-training FID's VAE and Inception): both ranks hear of it
-    assert seen[1]["load"] == ("ConfigError: could not load the Inception network on rank 1: "
-                               "FileNotFoundError: /cache/inception.pt is missing")
-    assert seen[0]["load"].startswith("ConfigError: could not load the Inception network on rank 0: it failed on")
+    assert seen[1]["load"] == "FileNotFoundError: /cache/inception.pt is missing"  # its own error, as raised
+    assert seen[0]["load"] == "ConfigError: could not load the Inception network: it failed on another rank (see its log)"
+    # the data: every rank must split the same shard list, and a rank's ShardError reaches all
+    assert seen[0]["same_split"] == seen[1]["same_split"] == "built"
+    for rank in seen:
+        assert rank["other_split"].startswith("ShardError:") and "different usable shards" in rank["other_split"]
+    assert seen[1]["rank_1_data"] == "ShardError: /data/in256/shard-000001.tar: truncated"
+    assert seen[0]["rank_1_data"].startswith("ConfigError: could not load the training data")
 
 
 def test_every_rank_resumes_the_checkpoint_rank_0_chose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -491,7 +492,11 @@ def test_trainer_asks_for_pinned_batches_only_on_cuda(tmp_path: Path, monkeypatc
     import mdt_ds.data.loader as loader_mod
 
     asked = []
-    monkeypatch.setattr(loader_mod, "build_loader", lambda source, **kw: asked.append(kw["pin_memory"]))
+    def build(source, **kw):
+        asked.append(kw["pin_memory"])
+        return SimpleNamespace(stream=SimpleNamespace(spec=SimpleNamespace(shards=("a.tar",))))
+
+    monkeypatch.setattr(loader_mod, "build_loader", build)
     for device in ("cuda", "cpu"):
         bare_trainer(tmp_path, device=device)._build_loader(0)
     assert asked == [True, False]
