@@ -17,13 +17,14 @@ Leftover ``.tmp`` folders of a crashed save are removed at the next start.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -156,42 +157,34 @@ def _fsync_own_files(tmp: Path, rank: int) -> None:
 
 
 # --------------------------------------------------------------------------- save
-class _KeepWriteErrors:
+@contextlib.contextmanager
+def _write_errors_kept(engine) -> Iterator[list[BaseException]]:
     """DeepSpeed's ``save_checkpoint`` runs collectives between its writes (tag validation, a
     final barrier). A rank whose write fails would skip them and meet its peers in a different
     collective: on NCCL a hang or wrong results. All of DeepSpeed's checkpoint I/O goes through
     ``engine.checkpoint_engine.save/makedirs`` (``save_latest=False``: no ``latest`` file), so
-    the first failure is kept, later writes of that save are skipped, and the collectives run
-    in order; the caller raises the kept error once DeepSpeed has returned."""
+    the first failure is kept (yielded list), later writes of that save are skipped, and the
+    collectives run in order; the caller raises the kept error once DeepSpeed has returned."""
+    io, kept = engine.checkpoint_engine, []
 
-    NAMES = ("save", "makedirs")
-
-    def __init__(self, engine) -> None:
-        self.io, self.error = engine.checkpoint_engine, None
-        self.own = {name: vars(self.io)[name] for name in self.NAMES if name in vars(self.io)}
-
-    def __enter__(self) -> _KeepWriteErrors:
-        for name in self.NAMES:
-            setattr(self.io, name, self._kept(getattr(self.io, name)))
-        return self
-
-    def _kept(self, write: Callable) -> Callable:
-        def guarded(*args, **kwargs):
-            if self.error is None:
+    def guarded(write: Callable) -> Callable:
+        def call(*args, **kwargs):
+            if not kept:
                 try:
                     return write(*args, **kwargs)
                 except (OSError, RuntimeError) as err:
-                    self.error = err
+                    kept.append(err)
             return None
 
-        return guarded
+        return call
 
-    def __exit__(self, *exc) -> None:
-        for name in self.NAMES:
-            if name in self.own:
-                setattr(self.io, name, self.own[name])
-            else:
-                delattr(self.io, name)  # the class's own method again
+    for name in ("save", "makedirs"):
+        setattr(io, name, guarded(getattr(io, name)))
+    try:
+        yield kept
+    finally:
+        for name in ("save", "makedirs"):
+            delattr(io, name)  # the class's own method again
 
 
 def _agree_on(error: BaseException | None, tmp: Path) -> None:
@@ -233,10 +226,10 @@ def save_training_state(
     error: BaseException | None = None
     mine: dict = {}
     try:
-        with _KeepWriteErrors(engine) as kept:
+        with _write_errors_kept(engine) as kept:
             engine.save_checkpoint(str(root), tag=tmp.name, client_state={"step": step}, save_latest=False)
-        if kept.error is not None:
-            raise kept.error
+        if kept:
+            raise kept[0]
         torch.save(ema.state_dict(), tmp / f"ema_rank{dist.rank():05d}.pt")
         mine = write_fragments(engine, ema, tmp)
     except (OSError, RuntimeError) as err:
@@ -247,7 +240,7 @@ def save_training_state(
         _fsync_own_files(tmp, dist.rank())
         if before_publish is not None:
             before_publish()
-    except (OSError, RuntimeError, CheckpointError) as err:
+    except (OSError, RuntimeError) as err:  # CheckpointError (the snapshot) is a RuntimeError
         error = err
     _agree_on(error, tmp)
     final = root / tag

@@ -157,7 +157,7 @@ def test_a_full_disk_names_the_path_and_keeps_the_last_checkpoint(
 
 
 TWO_RANK_SAVES = """
-import errno, json, os, sys
+import errno, json, sys
 from pathlib import Path
 import torch
 from mdt_ds import dist
@@ -171,7 +171,6 @@ def gather_only(engine, folder, mine):  # the real write_index's collective, wit
 universal.write_fragments, universal.write_index = (lambda engine, ema, folder: {}), gather_only
 dist.init()
 run, rank, seen = Path(sys.argv[1]), dist.rank(), {}
-(run.parent / f"pid{rank}").write_text(str(os.getpid()))  # torchrun's workers lead their own sessions
 
 def attempt(name, step, engine, before_publish=None):
     try:
@@ -249,6 +248,7 @@ def test_a_write_error_on_one_rank_stops_every_rank_without_a_hang(tmp_path: Pat
     CheckpointError with the reason, the last good checkpoint stays the latest, and saving goes
     on afterwards. A load that fails on one rank (the in-training FID's networks, the training
     data) reaches both, and ranks that found different usable shards stop."""
+    from mdt_ds.supervise import descendants
     from tests.conftest import REPO, subprocess_env, torchrun_command
 
     script = tmp_path / "saves.py"
@@ -262,9 +262,11 @@ def test_a_write_error_on_one_rank_stops_every_rank_without_a_hang(tmp_path: Pat
     try:
         out, err = proc.communicate(timeout=90)
     except subprocess.TimeoutExpired:
-        for pid in tmp_path.glob("pid*"):  # the workers first: they hold the pipes open
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid.read_text()), signal.SIGKILL)
+        # The workers first, found through /proc: they lead their own sessions (out of the
+        # launcher's process group) and hold the pipes open.
+        for pid in descendants(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate(timeout=30)
         pytest.fail(f"the ranks hung in mismatched collectives:\n{out[-2000:]}\n{err[-2000:]}")
