@@ -197,6 +197,9 @@ class TrainConfig:
     # training precision, bf16 under bf16); the release reduces fp32 gradients ("fp32").
     grad_reduce_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     stop_check_every: int = 10  # steps between the collective that agrees on a stop (signal, budget)
+    # Training on a CPU: "keep" has glibc reuse freed host memory (no mmap, no trim), so the step's
+    # fresh ZeRO and activation buffers stop page-faulting every step; "default" leaves malloc alone.
+    cpu_malloc: Literal["keep", "default"] = "keep"
 
     def __post_init__(self) -> None:
         checkpointing_scope(self.activation_checkpointing)

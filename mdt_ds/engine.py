@@ -12,6 +12,7 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from mdt_ds.config import ConfigError, TrainConfig, checkpointing_scope, deepspeed_config
+from mdt_ds.hostmem import keep_freed_memory
 from mdt_ds.models import MDTv2, build_model
 from mdt_ds.models.checkpointing import apply_activation_checkpointing
 from mdt_ds.models.compile import compile_blocks
@@ -85,8 +86,11 @@ def build_engine(
     cfg: TrainConfig, world_size: int, run_dir: Path | None = None, init_state: dict[str, torch.Tensor] | None = None
 ) -> tuple[deepspeed.DeepSpeedEngine, dict]:
     """:func:`prepare_model` (with ``init_state`` loaded before DeepSpeed clones its fp32 master),
-    the optimiser and schedule, and the DeepSpeed engine around them."""
+    the optimiser and schedule, and the DeepSpeed engine around them. On a CPU, host memory is
+    kept for reuse first (``cfg.cpu_malloc``, :mod:`mdt_ds.hostmem`)."""
     ds_config = deepspeed_config(cfg, world_size)
+    if cfg.cpu_malloc == "keep" and accelerator_device().type == "cpu":
+        keep_freed_memory()
     model = prepare_model(cfg, init_state=init_state)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim)

@@ -1,0 +1,87 @@
+"""cpu_malloc=keep: a training step's fresh host buffers are reused, not faulted in again."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mdt_ds import hostmem
+from tests.conftest import REPO, subprocess_env
+
+pytestmark = pytest.mark.core
+
+# A step's allocation pattern on the host: ZeRO's step concatenates the gradients into a fresh
+# flat partition, and activations are fresh tensors; all freed at the end of the step.
+STEP_SCRIPT = """
+import json, resource, sys, torch
+from mdt_ds.hostmem import keep_freed_memory
+applied = keep_freed_memory() if sys.argv[1] == "keep" else False
+grads = [torch.randn(1 << 20) for _ in range(40)]  # 160 MB of gradients
+
+def step():
+    flat = torch.cat(grads)
+    act = torch.empty(30 << 20)
+    act.fill_(1.0)
+    flat.mul_(2.0)
+
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    step()
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4
+print(json.dumps({"applied": applied, "faults_per_step": faults}))
+"""
+
+
+def run_steps(mode: str, **env: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", STEP_SCRIPT, mode], cwd=REPO, env=subprocess_env(**env),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc: Linux only")
+def test_keep_freed_memory_stops_per_step_page_faults() -> None:
+    default, keep = run_steps("default"), run_steps("keep")
+    # 190 MB of fresh blocks per step = ~48k pages of 4 KiB, faulted in every step by default
+    assert default["faults_per_step"] > 20_000, default
+    assert keep["applied"] and keep["faults_per_step"] < 1_000, keep
+
+
+def test_a_users_allocator_setting_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_mallopt(*_args: object) -> None:
+        raise AssertionError("mallopt must not be called when the user chose the allocator")
+
+    monkeypatch.setattr(hostmem.ctypes, "CDLL", no_mallopt)
+    for name, value in (("MALLOC_MMAP_MAX_", "65536"), ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1"),
+                        ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")):
+        with monkeypatch.context() as env:
+            env.setenv(name, value)
+            assert hostmem.user_allocator_setting() == name
+            assert hostmem.keep_freed_memory() is False
+
+
+def test_cpu_engines_keep_host_memory_unless_told_not_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mdt_ds import engine
+    from mdt_ds.config import TrainConfig, apply_overrides
+
+    calls: list[bool] = []
+    monkeypatch.setattr(engine, "keep_freed_memory", lambda: calls.append(True) or True)
+
+    class Built(Exception):
+        pass
+
+    def stop(*_args: object, **_kwargs: object) -> None:
+        raise Built  # the allocator decision is made before DeepSpeed is touched
+
+    monkeypatch.setattr(engine.deepspeed, "initialize", stop)
+    monkeypatch.setattr(engine, "accelerator_device", lambda: engine.torch.device("cpu"))
+    tiny = ["model.preset=MDTv2-Tiny/2", "global_batch=2", "precision=fp32"]
+    for overrides, expected in ((tiny, [True]), (tiny + ["cpu_malloc=default"], [])):
+        calls.clear()
+        with pytest.raises(Built):
+            engine.build_engine(apply_overrides(TrainConfig(), overrides), 1)
+        assert calls == expected
