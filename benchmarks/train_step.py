@@ -25,6 +25,7 @@ import gc
 import json
 import os
 import random
+import resource
 import statistics
 import sys
 import time
@@ -166,17 +167,25 @@ def time_variant(runner: Runner, args: argparse.Namespace) -> dict:
         runner.step()
     sync(runner.device)
     times = []
+    faults_before = minor_faults()
     for _ in range(args.steps):
         start = time.perf_counter()
         runner.step()
         sync(runner.device)
         times.append(time.perf_counter() - start)
+    faults = (minor_faults() - faults_before) / max(1, args.steps)
     phases = [runner.phased_step() for _ in range(args.steps)]
     return {
         "step_time_s": statistics.median(times), "step_times_s": times,
+        # pages the kernel mapped in (and zeroed) per step: fresh host memory, not reused
+        "host_page_faults_per_step": faults,
         "phases_s": {k: statistics.median(p[k] for p in phases) for k in PHASES},
         "host_syncs_per_step": runner.counted_step(),
     }
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def forward_only(cfg: TrainConfig, batch: int, reps: int) -> dict:
@@ -239,8 +248,8 @@ def run_variant(name: str, base: list[str], args: argparse.Namespace, env, peaks
         peak_memory_gb=memory_gb(runner.device),
         memory_note="torch.cuda.max_memory_allocated" if runner.device.type == "cuda" else "process max RSS",
     )
-    if args.profile and name == args.variants.split(",")[0]:
-        out["profile"] = profile_step(runner)
+    if args.profile:
+        out["profile"] = profile_steps(runner, 1 if args.quick else args.profile_steps)
     del runner
     gc.collect()
     if torch.cuda.is_available():
@@ -248,9 +257,19 @@ def run_variant(name: str, base: list[str], args: argparse.Namespace, env, peaks
     return out
 
 
-def profile_step(runner: Runner) -> dict:
+def profile_steps(runner: Runner, steps: int) -> dict:
     """Share of self time in matmul-class ops (matmuls, attention kernels, convolutions) vs the
-    rest, over one training step: the rest is what fusion and fewer copies can remove."""
+    rest, per training step profiled on its own: the rest is what fusion and fewer copies can
+    remove. The median step's split is reported with each step's share beside it."""
+    splits = sorted((profile_step(runner) for _ in range(max(1, steps))), key=lambda r: r["non_matmul_share"])
+    median = dict(splits[len(splits) // 2])
+    median["non_matmul_share_per_step"] = [r["non_matmul_share"] for r in splits]
+    median["profiled_steps"] = len(splits)
+    return median
+
+
+def profile_step(runner: Runner) -> dict:
+    """The matmul / non-matmul split of one training step."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = runner.device.type == "cuda"
@@ -301,9 +320,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", default=None, help=f"comma list of {sorted(VARIANTS)}")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--profile", action="store_true", help="profiler split of the first variant's step")
+    p.add_argument("--profile", action="store_true", help="profiler split of each trained variant's step")
+    p.add_argument("--profile-steps", type=int, default=3,
+                   help="steps profiled one at a time (the share moves from step to step on a shared VM)")
     p.add_argument("--release-src", type=Path, help="a checkout of sail-sg/MDT: time its model alternately")
     p.add_argument("--release-reps", type=int, default=3)
+    p.add_argument("--release-compiled", action="store_true",
+                   help="also time ours with compile=true (regional) in the model-only comparison")
     p.add_argument("--quick", action="store_true", help="Tiny preset, 1 step, no warm-up: a smoke test")
     p.add_argument("--override", action="append", default=[], help="extra dotted override (repeatable)")
     p.add_argument("--out", type=Path)
@@ -412,6 +435,13 @@ def release_comparison(args: argparse.Namespace, base: list[str], device: torch.
         num_classes=m.num_classes, learn_sigma=m.learn_sigma, mask_ratio=m.mask_ratio, decode_layer=m.decode_layer,
     ).to(device).eval()
     models = {"ours": ours, "ours_explicit": explicit, "release": release}
+    if args.release_compiled:
+        from mdt_ds.models.compile import compile_blocks
+
+        compiled = build_model(m).to(device).eval()
+        compiled.load_state_dict(ours.state_dict())
+        compile_blocks(compiled)
+        models["ours_compiled"] = compiled
     dtype = PRECISION_DTYPES[cfg.precision]
     n = args.batch
     x = torch.randn(n, m.in_channels, m.input_size, m.input_size, device=device)
@@ -429,8 +459,9 @@ def release_comparison(args: argparse.Namespace, base: list[str], device: torch.
         model.zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    for model in models.values():
-        one(model, 0)  # warm-up
+    for model in models.values():  # warm-up at two kept lengths: the second compiles the dynamic-K graph
+        one(model, 0)
+        one(model, 10_000)
     times: dict[str, list[float]] = {name: [] for name in models}
     for rep in range(args.release_reps):
         for name, model in models.items():
@@ -442,7 +473,8 @@ def release_comparison(args: argparse.Namespace, base: list[str], device: torch.
         "ours_s": med["ours"], "ours_explicit_s": med["ours_explicit"], "release_s": med["release"],
         "release_over_ours": med["release"] / med["ours"],
         "release_over_ours_explicit": med["release"] / med["ours_explicit"], "times_s": times,
-    }
+    } | ({"ours_compiled_s": med["ours_compiled"], "release_over_ours_compiled": med["release"] / med["ours_compiled"]}
+         if "ours_compiled" in med else {})
 
 
 

@@ -118,6 +118,8 @@ def test_train_step_quick_json(tmp_path) -> None:
     assert r["peaks"]["fp32"]["measured_flops"] > 0 and r["peaks"]["fp32"]["spec_source"]
     profile = eager["profile"]
     assert 0 < profile["matmul_share"] < 1 and profile["non_matmul_share"] == pytest.approx(1 - profile["matmul_share"])
+    assert profile["non_matmul_share_per_step"] == [profile["non_matmul_share"]]  # --quick profiles one step
+    assert 0 < r["variants"]["release-like"]["profile"]["non_matmul_share"] < 1  # every trained variant
     assert r["release"]["release_over_ours"] > 0 and r["release"]["src"] == str(fake.parent)
 
 
