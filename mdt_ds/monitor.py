@@ -95,11 +95,18 @@ class Monitor:
         self.stats.close()
 
 
+CPU_PEAK_BUDGET_S = 0.5  # a training run's start may not wait longer for its MFU denominator
+
+
 def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 0, reps: int = 0) -> float:
     """Matmul FLOP/s of this device in this dtype, timed on square matmuls large enough not to be
     launch-bound (8192 x 10 on a GPU: a 1024^3 matmul reads about 200 of an H100's 989 TFLOP/s;
-    1024 x 5 on a CPU, where that size already runs at the cores' rate)."""
+    1024 x 5 on a CPU, where that size already runs at the cores' rate). On a CPU without
+    hardware support for the dtype (bf16 on AVX2 runs about 1 GFLOP/s) the default size and reps
+    shrink to fit ``CPU_PEAK_BUDGET_S``: the full measurement took 29 s there at every run start."""
     cuda = device.type == "cuda"
+    if not cuda and not size and not reps:
+        size, reps = _cpu_peak_plan(dtype)
     size = size or (8192 if cuda else 1024)
     reps = reps or (10 if cuda else 5)
     a = torch.randn(size, size, device=device, dtype=dtype)
@@ -114,6 +121,20 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int = 0, 
     if cuda:
         torch.cuda.synchronize(device)
     return 2 * size**3 * reps / (time.perf_counter() - start)
+
+
+def _cpu_peak_plan(dtype: torch.dtype) -> tuple[int, int]:
+    """(size, reps) for a CPU measurement within the budget, from one 256^3 probe matmul (which
+    under-reads the rate, so the plan errs on the short side)."""
+    probe = torch.randn(256, 256, dtype=dtype)
+    start = time.perf_counter()
+    probe @ probe
+    rate = 2 * 256**3 / max(time.perf_counter() - start, 1e-9)
+    for size in (1024, 512, 256):
+        seconds = 2 * size**3 / rate  # one matmul; the warm-up runs one more than reps
+        if seconds * 2 <= CPU_PEAK_BUDGET_S:
+            break
+    return size, max(1, min(5, int(CPU_PEAK_BUDGET_S / seconds) - 1))
 
 
 # Dense peaks (no 2:4 sparsity), TFLOP/s: (bf16/fp16 tensor core, TF32 tensor core, fp32 non-tensor).
@@ -163,9 +184,10 @@ def table_peak_flops(name: str, kind: str) -> tuple[float, str] | None:
     return tflops * 1e12, part
 
 
-def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+def device_peak_flops(device: torch.device, dtype: torch.dtype, measured: float = 0.0) -> tuple[float, str]:
     """(peak FLOP/s, where it comes from) for MFU: the dense datasheet peak of a known NVIDIA part
-    in the training dtype (fp32: TF32 when TF32 is allowed), else a measured large matmul."""
+    in the training dtype (fp32: TF32 when TF32 is allowed), else a measured large matmul
+    (``measured`` if the caller timed one already)."""
     device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -181,7 +203,7 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, 
         label = f"{name}, not in the peak table"
     else:
         label = device.type
-    flops = measure_peak_flops(device, dtype)
+    flops = measured or measure_peak_flops(device, dtype)
     return flops, f"measured large-matmul peak ({label}, {str(dtype).removeprefix('torch.')})"
 
 

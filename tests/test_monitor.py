@@ -70,8 +70,26 @@ def test_measured_peak_uses_large_gpu_matmuls(monkeypatch) -> None:
     measure_peak_flops(torch.device("cuda"), torch.float32)
     assert sizes[0] == (8192, 8192)
     sizes.clear()
-    measure_peak_flops(torch.device("cpu"), torch.float32)
-    assert sizes[0] == (1024, 1024)
+    measure_peak_flops(torch.device("cpu"), torch.float32)  # a 256^3 probe, then the plan
+    assert sizes[0] == (256, 256) and sizes[1] == (1024, 1024)
+
+
+@pytest.mark.parametrize("probe_gflops,plan", [(100.0, (1024, 5)), (1.0, (256, 5)), (2.0, (512, 2))])
+def test_cpu_peak_measurement_fits_its_budget(monkeypatch, probe_gflops: float, plan: tuple[int, int]) -> None:
+    """A dtype the CPU has no hardware for (bf16 on AVX2: about 1 GFLOP/s) once made every run's
+    start wait 29 s for 12 matmuls of 1024^3; the plan now shrinks to the budget."""
+    clock = iter([0.0, 2 * 256**3 / (probe_gflops * 1e9)])
+    monkeypatch.setattr(monitor.time, "perf_counter", lambda: next(clock))
+    size, reps = monitor._cpu_peak_plan(torch.bfloat16)
+    assert (size, reps) == plan
+    if probe_gflops < 10:  # warm-up + reps within the budget at the probed rate
+        assert (reps + 1) * 2 * size**3 / (probe_gflops * 1e9) <= monitor.CPU_PEAK_BUDGET_S
+
+
+def test_a_given_measurement_is_not_timed_again(monkeypatch) -> None:
+    monkeypatch.setattr(monitor, "measure_peak_flops", lambda *a, **k: pytest.fail("timed a second time"))
+    flops, source = monitor.device_peak_flops(torch.device("cpu"), torch.bfloat16, measured=5e10)
+    assert flops == 5e10 and "measured" in source
 
 
 def test_resume_drops_stats_lines_after_the_checkpoint(tmp_path) -> None:
