@@ -545,14 +545,16 @@ def test_mfu_peak_from_the_device_table_and_measured_peak_logged(
     import mdt_ds.monitor as monitor
     import mdt_ds.trainer as trainer_mod
 
-    monkeypatch.setattr(monitor, "device_peak_flops", lambda device, dtype: (989e12, "table: H100 SXM bf16"),
+    given = []
+    monkeypatch.setattr(monitor, "device_peak_flops",
+                        lambda device, dtype, measured=0.0: given.append(measured) or (989e12, "table: H100 SXM bf16"),
                         raising=False)
     monkeypatch.setattr(trainer_mod, "measure_peak_flops", lambda device, dtype: 2e14)
     tr = bare_trainer(tmp_path)
     with caplog.at_level(logging.INFO, logger="mdt_ds.train"):
         assert tr._peak_flops() == (989e12, "table: H100 SXM bf16")
     assert "989 TFLOP/s (table: H100 SXM bf16); measured matmul peak 200 TFLOP/s" in caplog.text
-    assert tr.measured_peak_flops == 2e14
+    assert tr.measured_peak_flops == 2e14 and given == [2e14]  # the table fallback does not time again
     tr.cfg = apply_overrides(tr.cfg, ["peak_tflops=312"])
     assert tr._peak_flops() == (312e12, "peak_tflops from the config")
 
