@@ -74,7 +74,7 @@ def spec_peak(device: torch.device, dtype: torch.dtype, measured: float) -> tupl
         from mdt_ds.monitor import device_peak_flops
     except ImportError:
         return measured, "measured (mdt_ds.monitor.device_peak_flops not available)"
-    return device_peak_flops(device, dtype)
+    return device_peak_flops(device, dtype, measured)  # off the table: this run's measurement, not a second one
 
 
 def measured_peak(device: torch.device, dtype: torch.dtype, quick: bool) -> float:
