@@ -12,9 +12,9 @@ ops, and optionally the MDT release's own model timed alternately with ours.
         --variants eager,compile,flex,compile-flex,explicit,release-like --out xl2.json
     python benchmarks/train_step.py --quick          # Tiny preset, 1 step: a smoke test
 
-Variants (dotted overrides over the base run): eager (sdpa, no compile), compile, flex,
-compile-flex, explicit, release-like (explicit attention, fp32, no compile: how the release
-trains). Synthetic latents; both passes of the MDTv2 objective; Adan as in the paper. Prints
+Variants (dotted overrides over the base run): eager (sdpa, no compile), compile (blocks and
+Adan's update), compile-adan-unfused (blocks only), flex, compile-flex, explicit, release-like
+(explicit attention, fp32, no compile: how the release trains). Synthetic latents; both passes of the MDTv2 objective; Adan as in the paper. Prints
 one JSON object (rank 0) and writes it to --out if given.
 """
 
@@ -48,7 +48,8 @@ from mdt_ds.syncs import count_host_syncs  # noqa: E402
 
 VARIANTS: dict[str, list[str]] = {
     "eager": ["model.attention=sdpa", "compile=false"],
-    "compile": ["model.attention=sdpa", "compile=true"],
+    "compile": ["model.attention=sdpa", "compile=true"],  # optim.fused=auto: Adan's update fused too
+    "compile-adan-unfused": ["model.attention=sdpa", "compile=true", "optim.fused=false"],
     "flex": ["model.attention=flex", "compile=false"],
     "compile-flex": ["model.attention=flex", "compile=true"],
     "explicit": ["model.attention=explicit", "compile=false"],
@@ -59,6 +60,7 @@ RATIOS = {"compile_vs_eager": ("compile", "eager"), "eager_vs_explicit": ("eager
           "flex_vs_sdpa": ("flex", "eager"), "compile_flex_vs_eager": ("compile-flex", "eager"),
           "ours_vs_release_like": ("eager", "release-like"), "best_vs_release_like": ("best", "release-like")}
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::linear", "aten::matmul")
+STEADY_STEP_FAULTS = 1000  # host page faults below which a profiled step counts as steady state
 PHASES = ("full_pass_s", "masked_pass_s", "backward_s", "optimizer_step_s", "ema_s")
 
 
@@ -249,7 +251,8 @@ def run_variant(name: str, base: list[str], args: argparse.Namespace, env, peaks
         memory_note="torch.cuda.max_memory_allocated" if runner.device.type == "cuda" else "process max RSS",
     )
     if args.profile:
-        out["profile"] = profile_steps(runner, 1 if args.quick else args.profile_steps)
+        out["profile"] = profile_steps(runner, 1 if args.quick else args.profile_steps,
+                                       0 if args.quick else args.profile_warmup)
     del runner
     gc.collect()
     if torch.cuda.is_available():
@@ -257,14 +260,27 @@ def run_variant(name: str, base: list[str], args: argparse.Namespace, env, peaks
     return out
 
 
-def profile_steps(runner: Runner, steps: int) -> dict:
+def profile_steps(runner: Runner, steps: int, warmup: int = 1) -> dict:
     """Share of self time in matmul-class ops (matmuls, attention kernels, convolutions) vs the
     rest, per training step profiled on its own: the rest is what fusion and fewer copies can
-    remove. The median step's split is reported with each step's share beside it."""
+    remove. The median step's split is reported with each step's share (and host page faults)
+    beside it. ``warmup`` profiled steps go first, unreported: the profiler's own allocations
+    move the host heap's layout, and the next step or two fault fresh pages in (on a CPU, into
+    DeepSpeed's gradient copies) that an unprofiled training step no longer touches."""
+    for _ in range(warmup):
+        profile_step(runner)
     splits = sorted((profile_step(runner) for _ in range(max(1, steps))), key=lambda r: r["non_matmul_share"])
     median = dict(splits[len(splits) // 2])
     median["non_matmul_share_per_step"] = [r["non_matmul_share"] for r in splits]
+    median["host_page_faults_per_profiled_step"] = [r["host_page_faults"] for r in splits]
+    # A profiled step can still fault a fresh 154 MB (S/2) gradient partition in where its
+    # unprofiled neighbours fault nothing (host_page_faults_per_step of the timed steps): the
+    # share of the steps that did not is the steady state's, reported beside the median of all.
+    steady = [r["non_matmul_share"] for r in splits if r["host_page_faults"] < STEADY_STEP_FAULTS]
+    median["non_matmul_share_fault_free"] = statistics.median(steady) if steady else None
+    median["fault_free_profiled_steps"] = len(steady)
     median["profiled_steps"] = len(splits)
+    median["profile_warmup_steps"] = warmup
     return median
 
 
@@ -274,9 +290,11 @@ def profile_step(runner: Runner) -> dict:
 
     cuda = runner.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    faults = minor_faults()
     with profile(activities=activities) as prof:
         runner.step()
         sync(runner.device)
+    faults = minor_faults() - faults
     rows = []
     for evt in prof.key_averages():
         self_us = evt.self_device_time_total if cuda else evt.self_cpu_time_total
@@ -288,7 +306,7 @@ def profile_step(runner: Runner) -> dict:
     return {
         "time_base": "self device time" if cuda else "self CPU time", "total_ms": total / 1e3,
         "matmul_share": matmul / total, "non_matmul_share": 1 - matmul / total,
-        "top_non_matmul_ms": {k: us / 1e3 for k, us in others},
+        "top_non_matmul_ms": {k: us / 1e3 for k, us in others}, "host_page_faults": faults,
     }
 
 
@@ -323,6 +341,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="profiler split of each trained variant's step")
     p.add_argument("--profile-steps", type=int, default=3,
                    help="steps profiled one at a time (the share moves from step to step on a shared VM)")
+    p.add_argument("--profile-warmup", type=int, default=1,
+                   help="profiled steps run first and not reported (the profiler's allocations move the heap)")
     p.add_argument("--release-src", type=Path, help="a checkout of sail-sg/MDT: time its model alternately")
     p.add_argument("--release-reps", type=int, default=3)
     p.add_argument("--release-compiled", action="store_true",

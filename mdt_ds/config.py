@@ -135,6 +135,9 @@ class OptimConfig:
     no_prox: bool = False
     grad_clip: float = 1.0
     warmup_steps: int = 0
+    # Adan's update as one fused torch.compile kernel per flat ZeRO partition (one pass over
+    # memory instead of ~31 tensor passes); "auto": when the run compiles (compile=true).
+    fused: bool | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         # Caught here, naming the key, rather than by the optimizer's own check at build time.
@@ -145,6 +148,8 @@ class OptimConfig:
             raise ConfigError(f"optim.eps must be > 0, got {self.eps}")
         if not all(0 <= b < 1 for b in self.betas):
             raise ConfigError(f"optim.betas must each be in [0, 1), got {self.betas}")
+        if self.fused is True and self.name != "adan":
+            raise ConfigError("optim.fused=true fuses Adan's update; AdamW is fused on CUDA by itself (use 'auto')")
 
 
 @dataclass
@@ -282,6 +287,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int and isinstance(value, str) and value.isdigit():
         # config.json files of earlier versions hold diffusion.sample_steps as a string ("250")
         return int(value)
+    if tp is bool and value in ("true", "false"):
+        # a field that also takes text (optim.fused: "auto") keeps an override's raw text
+        return value == "true"
     if tp is bool:
         ok = isinstance(value, bool)
     elif tp is int:

@@ -92,7 +92,7 @@ def build_engine(
     if cfg.cpu_malloc == "keep" and accelerator_device().type == "cpu":
         keep_freed_memory()
     model = prepare_model(cfg, init_state=init_state)
-    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    optimizer = build_optimizer(model.parameters(), cfg.optim, compiled_run=cfg.compile)
     scheduler = build_scheduler(optimizer, cfg.optim)
     if run_dir is not None and torch.distributed.get_rank() == 0:
         (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")

@@ -1,6 +1,6 @@
 """Optimisers: Adan (faithful to Xie et al. 2022 / the official code; timm's implementation with
-a multi-tensor update that makes fewer passes over memory) and AdamW (fused on CUDA), and the LR
-schedule (constant, with an optional linear warm-up)."""
+a multi-tensor update that makes fewer passes over memory, or one fused compiled kernel) and
+AdamW (fused on CUDA), and the LR schedule (constant, with an optional linear warm-up)."""
 
 from __future__ import annotations
 
@@ -60,6 +60,63 @@ def _adan_multi_tensor(
     _apply_into(neg_prev, grads, torch.neg, torch._foreach_neg_, few)
 
 
+def _adan_fused_update_(
+    p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, n: torch.Tensor, neg_prev: torch.Tensor,
+    b1: float, b2: float, b3: float, lr: float, eps: float, bc1: float, bc2: float, bc3_sqrt: float,
+    decay_mul: float, decay_div: float,
+) -> None:
+    """The same Adan step as :func:`_adan_multi_tensor` on one tensor, written elementwise so that
+    ``torch.compile`` makes it ONE pass over memory (read p, g, m, v, n, -g_prev; write all but g):
+    11 tensor passes against the multi-tensor update's 31. ``decay_mul`` is ``1 - lr wd`` for
+    decoupled decay (no_prox), ``decay_div`` is ``1 + lr wd`` for the proximal form; else 1."""
+    d = g + neg_prev  # g - g_prev
+    m.lerp_(g, 1 - b1)
+    v.lerp_(d, 1 - b2)
+    w = g + b2 * d
+    n.mul_(b3).addcmul_(w, w, value=1 - b3)
+    # (m / bc1 + b2 v / bc2) / (sqrt(n) / bc3_sqrt + eps), multiplied through by bc3_sqrt
+    update = (m * (lr * bc3_sqrt / bc1) + v * (lr * b2 * bc3_sqrt / bc2)) / (n.sqrt() + eps * bc3_sqrt)
+    p.mul_(decay_mul).sub_(update).div_(decay_div)
+    neg_prev.copy_(g.neg())
+
+
+# Compiled on first use. dynamic=True: one graph for every partition size (ranks differ) and the
+# scalars (lr, bias corrections: new every step) are kernel arguments, not recompile triggers.
+# Not fullgraph: under a TorchDispatchMode (the benchmark's host-sync counter) dynamo cannot
+# trace and the same update then runs eagerly instead of raising.
+_fused_update: Any = None
+
+
+def _adan_fused(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    m: list[torch.Tensor],
+    v: list[torch.Tensor],
+    n: list[torch.Tensor],
+    neg_prev: list[torch.Tensor],
+    *,
+    betas: tuple[float, float, float],
+    step: int,
+    lr: float,
+    eps: float,
+    weight_decay: float,
+    no_prox: bool,
+) -> None:
+    """:func:`_adan_fused_update_` over each (flat) tensor, compiled once per process."""
+    global _fused_update
+    if _fused_update is None:
+        _fused_update = torch.compile(_adan_fused_update_, dynamic=True)
+    b1, b2, b3 = betas
+    decay_mul = 1 - lr * weight_decay if no_prox else 1.0
+    decay_div = 1.0 if no_prox else 1 + lr * weight_decay
+    scalars = (b1, b2, b3, lr, eps, 1 - b1**step, 1 - b2**step, math.sqrt(1 - b3**step), decay_mul, decay_div)
+    for tensors in zip(params, grads, m, v, n, neg_prev):
+        # Flat views: dynamo keeps a parameter's shape static (a recompile per partition size);
+        # a view is a plain tensor, and the update writes through it. (A view of a 2-D or 4-D
+        # parameter, ZeRO-0's few-tensor case, adds one graph per rank of its base.)
+        _fused_update(*(t.view(-1) for t in tensors), *scalars)
+
+
 def _apply_into(dst: list[torch.Tensor], src: list[torch.Tensor], op, foreach_op_, few: bool) -> None:
     """``dst[i] = op(src[i])`` with no allocation: per-tensor ``out=`` for a few (flat ZeRO)
     tensors, else copy then the in-place multi-tensor op."""
@@ -71,10 +128,21 @@ def _apply_into(dst: list[torch.Tensor], src: list[torch.Tensor], op, foreach_op
         foreach_op_(dst)
 
 
+# Up to this many tensors per group the fused update runs tensor by tensor (ZeRO-1/2/3 hand over
+# one flat partition per group); more (ZeRO-0: every parameter) keep the multi-tensor kernels.
+FUSED_MAX_TENSORS = 16
+
+
 class Adan(TimmAdan):
     """``timm.optim.Adan`` (official betas, ``no_prox``, state and checkpoint layout) with
-    ``_adan_multi_tensor`` as its update; it matches timm's foreach update to 1e-6 over 8 steps
-    (tests/test_optim.py). ``caution`` (not part of the published algorithm) is timm's own path."""
+    ``_adan_multi_tensor`` as its update, or with ``fused=True`` the compiled one-pass
+    ``_adan_fused_update_`` for groups of flat partitions; both match timm's foreach update to
+    1e-6 over 8 steps (tests/test_optim.py). ``caution`` (not part of the published algorithm)
+    is timm's own path."""
+
+    def __init__(self, params: Any, *args: Any, fused: bool = False, **kwargs: Any) -> None:
+        super().__init__(params, *args, **kwargs)
+        self.fused = fused
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
@@ -102,7 +170,9 @@ class Adan(TimmAdan):
                 ):
                     out.append(t)
             if lists[0]:
-                _adan_multi_tensor(
+                fuse = self.fused and len(lists[0]) <= FUSED_MAX_TENSORS and all(t.is_contiguous() for ts in lists for t in ts)
+                update = _adan_fused if fuse else _adan_multi_tensor
+                update(
                     *lists,
                     betas=tuple(group["betas"]),
                     step=group["step"],
@@ -121,12 +191,15 @@ def adamw_kwargs(device: torch.device) -> dict[str, bool]:
     return {"fused": True} if torch.device(device).type == "cuda" else {"foreach": True}
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter], cfg: OptimConfig, compiled_run: bool = False
+) -> torch.optim.Optimizer:
     """``adan``: ``Adan`` above (official betas (0.98, 0.92, 0.99), eps 1e-8, proximal weight
-    decay unless ``no_prox``); adan-pytorch is not used because it departs from the published
-    update (MACHINE_NOTES). ``adamw``: ``torch.optim.AdamW`` with the first two betas, fused when
-    every parameter is on CUDA (the engine moves the model there first). Clipping is DeepSpeed's
-    global-norm ``gradient_clipping``."""
+    decay unless ``no_prox``), its update fused by ``torch.compile`` when ``cfg.fused`` says so
+    (``"auto"``: in a ``compiled_run``); adan-pytorch is not used because it departs from the
+    published update (MACHINE_NOTES). ``adamw``: ``torch.optim.AdamW`` with the first two betas,
+    fused when every parameter is on CUDA (the engine moves the model there first). Clipping is
+    DeepSpeed's global-norm ``gradient_clipping``."""
     params = [p for p in params if p.requires_grad]
     if cfg.name == "adan":
         if len(cfg.betas) != 3:
@@ -139,6 +212,7 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> t
             weight_decay=cfg.weight_decay,
             no_prox=cfg.no_prox,
             foreach=True,
+            fused=compiled_run if cfg.fused == "auto" else cfg.fused,
         )
     devices = {p.device.type for p in params}
     kwargs = adamw_kwargs(torch.device("cuda")) if devices == {"cuda"} else adamw_kwargs(torch.device("cpu"))

@@ -27,7 +27,7 @@ EXIT_USAGE = 2  # a user error, named in one line
 RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "sample_every", "force_resume", "max_bad_steps", "init_from",
                      "time_budget_min", "fid_every", "fid_images", "fid_steps", "fid_inception", "run_dir",
                      "keep_ckpts", "snapshot_every", "keep_snapshots", "snapshot_format", "stop_check_every",
-                     "cpu_malloc",
+                     "cpu_malloc", "optim.fused",
                      # how grids and the in-training FID sample, not what is trained
                      "diffusion.sampler", "diffusion.sample_steps", "diffusion.sample_spacing", "diffusion.cfg_interval",
                      # how the same maths is laid out: a resume converts (universal form, data position)

@@ -68,6 +68,9 @@ def test_device_check_part_a_quick_on_cpu(device_check, tmp_path) -> None:
     bf16 = a["bf16_vs_fp32"]
     assert bf16["ok"] and 0 < bf16["rel_err"] <= bf16["tol"] == device_check.TOL["bf16_vs_fp32"]
     assert a["flex_vs_sdpa"]["skipped"] and a["train_resume"]["skipped"] and a["cuda_only_paths"]["skipped"]
+    adan = a["fused_adan"]  # runs on the CPU too: the compiled C++ kernel against the multi-tensor update
+    assert adan["ok"] and adan["max_abs_diff"] <= adan["tol"] and adan["fused"]["sync_free"] is None  # no device
+    assert adan["fused"]["step_ms"] > 0 and adan["multi_tensor"]["step_ms"] > 0
 
 
 def test_device_check_part_c_quick_on_cpu(device_check, tmp_path) -> None:
@@ -119,6 +122,8 @@ def test_train_step_quick_json(tmp_path) -> None:
     profile = eager["profile"]
     assert 0 < profile["matmul_share"] < 1 and profile["non_matmul_share"] == pytest.approx(1 - profile["matmul_share"])
     assert profile["non_matmul_share_per_step"] == [profile["non_matmul_share"]]  # --quick profiles one step
+    faults = profile["host_page_faults_per_profiled_step"]
+    assert len(faults) == 1 and profile["fault_free_profiled_steps"] == int(faults[0] < 1000)
     assert 0 < r["variants"]["release-like"]["profile"]["non_matmul_share"] < 1  # every trained variant
     assert r["release"]["release_over_ours"] > 0 and r["release"]["src"] == str(fake.parent)
 

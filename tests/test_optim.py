@@ -1,14 +1,21 @@
-"""Optimisers: the fewer-pass Adan against timm's (which matches the official code to 1e-7), and
-the fused-AdamW decision."""
+"""Optimisers: the fewer-pass and the fused (compiled, one-pass) Adan against timm's (which
+matches the official code to 1e-7), the fused-Adan wiring through the engine, and the
+fused-AdamW decision."""
 
 from __future__ import annotations
+
+import functools
+import os
 
 import pytest
 import torch
 from timm.optim import Adan as TimmAdan
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-from mdt_ds.config import OptimConfig
+from mdt_ds import optim
+from mdt_ds.config import ConfigError, OptimConfig, TrainConfig, apply_overrides
 from mdt_ds.optim import Adan, adamw_kwargs, build_optimizer
+from tests.conftest import TINY_RUN
 
 SHAPES = {"few": [(64, 32), (32,), (5, 3, 3)], "many": [(7, 5)] * 20}  # flat-partition path / foreach path
 
@@ -18,7 +25,7 @@ def _params(shapes: list[tuple[int, ...]]) -> list[torch.nn.Parameter]:
     return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
 
 
-def _run(cls: type, shapes: list[tuple[int, ...]], steps: int, **kw) -> tuple[list[torch.Tensor], dict]:
+def _run(cls: type | functools.partial, shapes: list[tuple[int, ...]], steps: int, **kw) -> tuple[list[torch.Tensor], dict]:
     params = _params(shapes)
     opt = cls(params, lr=1e-2, betas=(0.98, 0.92, 0.99), eps=1e-8, foreach=True, **kw)
     gen = torch.Generator().manual_seed(1)
@@ -29,18 +36,93 @@ def _run(cls: type, shapes: list[tuple[int, ...]], steps: int, **kw) -> tuple[li
     return [p.detach().clone() for p in params], opt.state_dict()
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["multi_tensor", "fused"])
 @pytest.mark.parametrize("layout", sorted(SHAPES))
 @pytest.mark.parametrize("weight_decay,no_prox", [(0.0, False), (0.05, False), (0.05, True)])
-def test_adan_matches_timm_over_8_steps(layout: str, weight_decay: float, no_prox: bool) -> None:
-    ours, ours_state = _run(Adan, SHAPES[layout], 8, weight_decay=weight_decay, no_prox=no_prox)
+def test_adan_matches_timm_over_8_steps(layout: str, weight_decay: float, no_prox: bool, fused: bool) -> None:
+    ours, ours_state = _run(functools.partial(Adan, fused=fused), SHAPES[layout], 8, weight_decay=weight_decay,
+                            no_prox=no_prox)
     ref, ref_state = _run(TimmAdan, SHAPES[layout], 8, weight_decay=weight_decay, no_prox=no_prox)
     moved = max((a - b).abs().max().item() for a, b in zip(ours, _params(SHAPES[layout])))
     assert moved > 1e-2  # the parameters really moved
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    # The compiled kernel contracts multiply-adds (FMA): moments built from d = g - g_prev, a
+    # difference of O(1) numbers, then differ from eager by an ulp of g, up to ~3e-7 here.
+    state_atol = 1e-6 if fused else 1e-7
     for key in ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"):  # same state layout
         for i in ref_state["state"]:
-            torch.testing.assert_close(ours_state["state"][i][key], ref_state["state"][i][key], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(ours_state["state"][i][key], ref_state["state"][i][key], rtol=1e-5,
+                                       atol=state_atol)
+
+
+def test_fused_adan_compiles_once_for_every_step_and_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """lr and the bias corrections change every step and partitions differ in size between
+    ranks: all are kernel arguments of one graph, never a recompile."""
+    calls: list[int] = []
+    inner = optim._adan_fused
+    monkeypatch.setattr(optim, "_adan_fused", lambda *a, **k: calls.append(len(a[0])) or inner(*a, **k))
+    def compiled_entries() -> int:
+        return len(_debug_get_cache_entry_list(optim._adan_fused_update_.__code__))
+
+    _run(functools.partial(Adan, fused=True), [(300,)], 2)  # 1-D tensors, as ZeRO's flat partitions
+    entries = compiled_entries()
+    _, state = _run(functools.partial(Adan, fused=True), [(1000,), (77,)], 6, weight_decay=0.05)
+    # compiled (no silent eager fallback), and not again for other sizes, scalars or steps
+    assert entries >= 1 and compiled_entries() == entries
+    assert calls == [1] * 2 + [2] * 6 and state["param_groups"][0]["step"] == 6
+
+
+def test_fused_adan_is_chosen_by_config() -> None:
+    params = torch.nn.Linear(4, 2).parameters
+
+    def fused(compiled_run: bool, **kw: object) -> bool:
+        return build_optimizer(params(), OptimConfig(**kw), compiled_run=compiled_run).fused
+
+    assert fused(True) and not fused(False)  # auto: with compile=true
+    assert fused(False, fused=True) and not fused(True, fused=False)
+    assert apply_overrides(TrainConfig(), ["optim.fused=true"]).optim.fused is True
+    with pytest.raises(ConfigError, match="optim.fused"):
+        OptimConfig(name="adamw", betas=[0.9, 0.999], fused=True)
+
+
+def _engine_weights(overrides: list[str], steps: int) -> torch.Tensor:
+    from mdt_ds.engine import build_engine
+
+    torch.manual_seed(0)
+    engine, _ = build_engine(apply_overrides(TrainConfig(), [*TINY_RUN, "precision=fp32", *overrides]), 1)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x = torch.randn(8, 1, 16, 16, generator=gen)
+        out = engine(x, torch.randint(0, 1000, (8,), generator=gen), torch.randint(0, 10, (8,), generator=gen))
+        engine.backward((out - 1).square().mean())  # adaLN-Zero: the output starts at 0
+        engine.step()
+    return torch.cat([p.detach().flatten() for p in engine.module.parameters()])
+
+
+def test_engine_runs_the_fused_update_on_its_flat_partition(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mdt_ds import dist
+    from mdt_ds import engine as engine_module
+
+    calls: list[int] = []
+    inner = optim._adan_fused
+    monkeypatch.setattr(optim, "_adan_fused", lambda *a, **k: calls.append(len(a[0])) or inner(*a, **k))
+    saved = dict(os.environ)
+    try:
+        dist.init(use_deepspeed=True)
+        start = _engine_weights(["zero_stage=2", "optim.fused=false"], 0)
+        plain = _engine_weights(["zero_stage=2", "optim.fused=false"], 3)
+        assert not calls
+        # optim.fused=auto follows compile=true (the blocks' compile is not what is tested here)
+        monkeypatch.setattr(engine_module, "compile_blocks", lambda model: 0)
+        fused = _engine_weights(["zero_stage=2", "compile=true"], 3)
+    finally:
+        dist.teardown()
+        os.environ.clear()
+        os.environ.update(saved)
+    assert calls == [1, 1, 1]  # ZeRO-2 hands over one flat fp32 partition, once per step
+    assert (plain - start).abs().max() > 1e-3  # it trained
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-6)
 
 
 def test_adan_resumes_from_a_timm_checkpoint() -> None:
