@@ -36,12 +36,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from release_model import release_comparison  # noqa: E402
+
 from mdt_ds import dist  # noqa: E402
 from mdt_ds.config import ConfigError, TrainConfig, apply_overrides  # noqa: E402
 from mdt_ds.diffusion import create_diffusion  # noqa: E402
 from mdt_ds.diffusion.loss import MDTv2Loss  # noqa: E402
 from mdt_ds.ema import ShardedEMA  # noqa: E402
 from mdt_ds.engine import PRECISION_DTYPES, build_engine  # noqa: E402
+from mdt_ds.hostmem import HeapPeak  # noqa: E402
 from mdt_ds.models.flops import count_params, train_macs_per_image  # noqa: E402
 from mdt_ds.monitor import device_name, measure_peak_flops, memory_gb  # noqa: E402
 from mdt_ds.syncs import count_host_syncs  # noqa: E402
@@ -226,10 +229,12 @@ def run_variant(name: str, base: list[str], args: argparse.Namespace, env, peaks
                  "compile": cfg.compile}
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    heap = HeapPeak()  # the host's per-variant peak: max RSS spans the whole process
     try:
-        runner = Runner(cfg, env.world_size, args.batch)
-        out["compiled_blocks"] = runner.compiled_blocks()
-        out.update(time_variant(runner, args))
+        with heap:
+            runner = Runner(cfg, env.world_size, args.batch)
+            out["compiled_blocks"] = runner.compiled_blocks()
+            out.update(time_variant(runner, args))
     except (NotImplementedError, RuntimeError, ConfigError) as err:  # the engine refuses flex training on CPU
         if cfg.model.attention != "flex" or torch.cuda.is_available():
             raise
@@ -247,9 +252,15 @@ def run_variant(name: str, base: list[str], args: argparse.Namespace, env, peaks
         images_per_s=images_s, train_gmac_per_image=macs / 1e9,
         mfu_spec=2 * macs * images_s / (spec * env.world_size),
         mfu_measured=2 * macs * images_s / (measured * env.world_size),
-        peak_memory_gb=memory_gb(runner.device),
-        memory_note="torch.cuda.max_memory_allocated" if runner.device.type == "cuda" else "process max RSS",
+        process_max_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # every variant so far
     )
+    if runner.device.type == "cuda" or heap.peak is None:
+        out.update(peak_memory_gb=memory_gb(runner.device), memory_note="torch.cuda.max_memory_allocated"
+                   if runner.device.type == "cuda" else "process max RSS (every variant so far)")
+    else:
+        out.update(peak_memory_gb=heap.peak / 2**30, memory_note="peak glibc heap in use (mallinfo2, sampled "
+                   "every 2 ms while this variant was built and timed): allocated bytes, as "
+                   "torch.cuda.max_memory_allocated counts them, pages never touched included")
     if args.profile:
         out["profile"] = profile_steps(runner, 1 if args.quick else args.profile_steps,
                                        0 if args.quick else args.profile_warmup)
@@ -385,7 +396,8 @@ def main(argv: list[str] | None = None) -> dict:
             variants[name] = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
     report = header(args, env, device, base) | {"peaks": peaks, "variants": variants, "ratios": ratios(variants)}
     if args.release_src:
-        report["release"] = guarded(lambda: release_comparison(args, base, device))
+        cfg = apply_overrides(TrainConfig(), base + VARIANTS["eager"])
+        report["release"] = guarded(lambda: release_comparison(cfg, args, device))
     if dist.is_main():
         text = json.dumps(report, indent=2, default=str)
         print(text)
@@ -419,84 +431,6 @@ def header(args: argparse.Namespace, env, device: torch.device, base: list[str])
         "timing": "median wall time per step after warm-up, device synchronised; phases from separate "
                   "steps with a sync between parts; MFU = 2 * train MACs/image * img/s / peak",
     }
-
-
-# --------------------------------------------------------------------------- the release's model
-def load_release_class(src: Path) -> type:
-    """The release's MDTv2 class, imported from a checkout of sail-sg/MDT (its file is read from
-    there, never copied into this repository)."""
-    import importlib.util
-
-    path = Path(src) / "masked_diffusion" / "models.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"--release-src {src}: no masked_diffusion/models.py there (a sail-sg/MDT checkout)")
-    spec = importlib.util.spec_from_file_location("mdt_release_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.MDTv2
-
-
-def release_comparison(args: argparse.Namespace, base: list[str], device: torch.device) -> dict:
-    """One training step of the model alone (full + masked pass, fwd + bwd, no optimizer) for the
-    release's MDTv2 and ours, same sizes and seed, alternating so that both see the same load."""
-    cfg = apply_overrides(TrainConfig(), base + VARIANTS["eager"])
-    m = cfg.model
-    from mdt_ds.models import build_model
-
-    torch.manual_seed(0)
-    # eval(): no label-dropout draw (a negligible op), so both models draw exactly the mask ratio
-    # and then the token noise from the global generator, and a seed gives both the same K.
-    ours = build_model(m).to(device).eval()
-    explicit = build_model(m, attention="explicit").to(device).eval()
-    explicit.load_state_dict(ours.state_dict())
-    release = load_release_class(args.release_src)(
-        input_size=m.input_size, patch_size=m.patch_size, in_channels=m.in_channels, hidden_size=m.hidden_size,
-        depth=m.depth, num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, class_dropout_prob=m.class_dropout_prob,
-        num_classes=m.num_classes, learn_sigma=m.learn_sigma, mask_ratio=m.mask_ratio, decode_layer=m.decode_layer,
-    ).to(device).eval()
-    models = {"ours": ours, "ours_explicit": explicit, "release": release}
-    if args.release_compiled:
-        from mdt_ds.models.compile import compile_blocks
-
-        compiled = build_model(m).to(device).eval()
-        compiled.load_state_dict(ours.state_dict())
-        compile_blocks(compiled)
-        models["ours_compiled"] = compiled
-    dtype = PRECISION_DTYPES[cfg.precision]
-    n = args.batch
-    x = torch.randn(n, m.in_channels, m.input_size, m.input_size, device=device)
-    t = torch.randint(0, 1000, (n,), device=device)
-    y = torch.randint(0, m.num_classes, (n,), device=device)
-
-    def one(model: torch.nn.Module, rep: int) -> float:
-        torch.manual_seed(rep)
-        sync(device)
-        start = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(x, t, y).float().square().mean() + model(x, t, y, enable_mask=True).float().square().mean()
-        loss.backward()
-        sync(device)
-        model.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
-
-    for model in models.values():  # warm-up at two kept lengths: the second compiles the dynamic-K graph
-        one(model, 0)
-        one(model, 10_000)
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for rep in range(args.release_reps):
-        for name, model in models.items():
-            times[name].append(one(model, rep + 1))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {
-        "what": "model-only step: full + masked pass, forward + backward, alternating, same process, same K",
-        "precision": cfg.precision, "batch": n, "src": str(args.release_src),
-        "ours_s": med["ours"], "ours_explicit_s": med["ours_explicit"], "release_s": med["release"],
-        "release_over_ours": med["release"] / med["ours"],
-        "release_over_ours_explicit": med["release"] / med["ours_explicit"], "times_s": times,
-    } | ({"ours_compiled_s": med["ours_compiled"], "release_over_ours_compiled": med["release"] / med["ours_compiled"]}
-         if "ours_compiled" in med else {})
-
-
 
 
 if __name__ == "__main__":

@@ -14,9 +14,12 @@ this only concerns runs whose tensors live on the host.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import platform
+import threading
+from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -62,3 +65,64 @@ def keep_freed_memory() -> bool:
         return False
     log.info("host memory: glibc malloc keeps freed blocks for reuse (cpu_malloc=keep)")
     return True
+
+
+class _MallInfo2(ctypes.Structure):  # struct mallinfo2, glibc >= 2.33 (mallinfo(3))
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_in_use_bytes() -> int | None:
+    """Bytes glibc's malloc has handed out and not taken back (heap blocks in use plus mmapped
+    blocks): the host's analogue of ``torch.cuda.memory_allocated``. Unlike the process's RSS it
+    drops when tensors are freed, also where ``cpu_malloc=keep`` keeps the freed pages resident.
+    None off glibc (or before 2.33)."""
+    mallinfo2 = _mallinfo2()
+    if mallinfo2 is None:
+        return None
+    info = mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+@functools.lru_cache(maxsize=1)
+def _mallinfo2() -> Callable[[], _MallInfo2] | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    libc = ctypes.CDLL("libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        return None
+    libc.mallinfo2.restype = _MallInfo2
+    return libc.mallinfo2
+
+
+class HeapPeak:
+    """The largest :func:`heap_in_use_bytes` seen while the ``with`` block runs, sampled every
+    ``interval`` seconds from a thread (tensor ops release the GIL): a per-phase peak of host
+    memory, where the process's max RSS only ever grows. ``peak`` stays None off glibc."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.peak: int | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        while self._sample_once() and not self._stop.wait(self.interval):
+            pass
+
+    def __enter__(self) -> HeapPeak:
+        self._thread = threading.Thread(target=self._sample, name="heap-peak", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample_once()
+
+    def _sample_once(self) -> bool:
+        now = heap_in_use_bytes()
+        if now is not None:
+            self.peak = now if self.peak is None else max(self.peak, now)
+        return now is not None

@@ -112,6 +112,8 @@ def test_train_step_quick_json(tmp_path) -> None:
     assert set(r["variants"]) == {"eager", "flex", "explicit", "release-like"}
     eager = r["variants"]["eager"]
     assert eager["step_time_s"] > 0 and eager["images_per_s"] > 0 and eager["peak_memory_gb"] > 0
+    # per variant on a CPU (the heap in use), not the process's max RSS that every variant inherits
+    assert "mallinfo2" in eager["memory_note"] and eager["process_max_rss_gb"] > 0
     assert set(eager["phases_s"]) == {"full_pass_s", "masked_pass_s", "backward_s", "optimizer_step_s", "ema_s"}
     assert set(eager["host_syncs_per_step"]) == {"ours", "deepspeed_step", "ema"}
     assert 0 < eager["mfu_spec"] < 1 and 0 < eager["mfu_measured"] < 1

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
 from mdt_ds import hostmem
 from tests.conftest import REPO, subprocess_env
@@ -121,3 +123,19 @@ def test_a_refused_setting_is_reported_and_the_rest_still_tried(monkeypatch: pyt
     monkeypatch.setattr(hostmem.ctypes, "CDLL", lambda _name: Libc())
     assert hostmem.keep_freed_memory() is False
     assert sorted(tried) == sorted([hostmem.M_MMAP_MAX, hostmem.M_TRIM_THRESHOLD, hostmem.M_TOP_PAD])
+
+
+@pytest.mark.skipif(hostmem.heap_in_use_bytes() is None, reason="mallinfo2: glibc >= 2.33 only")
+def test_heap_peak_is_per_block_where_max_rss_only_grows() -> None:
+    """The benchmark's per-variant host memory: a block that held 400 MB peaks near 400 MB more
+    than the base; a later block that holds 8 KB does not inherit it, as the max RSS would."""
+    base = hostmem.heap_in_use_bytes()
+    with hostmem.HeapPeak() as big:
+        held = torch.ones(100 << 20)  # 400 MB, held while the sampler runs
+        time.sleep(0.05)
+        del held
+    with hostmem.HeapPeak() as small:
+        kept = torch.ones(2048)
+        time.sleep(0.05)
+    assert big.peak - base >= 400 << 20
+    assert small.peak - base < 16 << 20 and kept.sum() == 2048
