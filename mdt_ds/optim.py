@@ -88,21 +88,11 @@ _fused_update: Any = None
 
 
 def _adan_fused(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    m: list[torch.Tensor],
-    v: list[torch.Tensor],
-    n: list[torch.Tensor],
-    neg_prev: list[torch.Tensor],
-    *,
-    betas: tuple[float, float, float],
-    step: int,
-    lr: float,
-    eps: float,
-    weight_decay: float,
-    no_prox: bool,
+    *state: list[torch.Tensor], betas: tuple[float, float, float], step: int, lr: float, eps: float,
+    weight_decay: float, no_prox: bool,
 ) -> None:
-    """:func:`_adan_fused_update_` over each (flat) tensor, compiled once per process."""
+    """:func:`_adan_fused_update_` over each (flat) tensor, compiled once per process. ``state``:
+    the lists of :func:`_adan_multi_tensor` (params, grads, m, v, n, neg_prev), same keywords."""
     global _fused_update
     if _fused_update is None:
         _fused_update = torch.compile(_adan_fused_update_, dynamic=True)
@@ -110,7 +100,7 @@ def _adan_fused(
     decay_mul = 1 - lr * weight_decay if no_prox else 1.0
     decay_div = 1.0 if no_prox else 1 + lr * weight_decay
     scalars = (b1, b2, b3, lr, eps, 1 - b1**step, 1 - b2**step, math.sqrt(1 - b3**step), decay_mul, decay_div)
-    for tensors in zip(params, grads, m, v, n, neg_prev):
+    for tensors in zip(*state):
         # Flat views: dynamo keeps a parameter's shape static (a recompile per partition size);
         # a view is a plain tensor, and the update writes through it. (A view of a 2-D or 4-D
         # parameter, ZeRO-0's few-tensor case, adds one graph per rank of its base.)
