@@ -14,8 +14,10 @@ ops, and optionally the MDT release's own model timed alternately with ours.
 
 Variants (dotted overrides over the base run): eager (sdpa, no compile), compile (blocks and
 Adan's update), compile-adan-unfused (blocks only), flex, compile-flex, explicit, release-like
-(explicit attention, fp32, no compile: how the release trains). Synthetic latents; both passes of the MDTv2 objective; Adan as in the paper. Prints
-one JSON object (rank 0) and writes it to --out if given.
+(explicit attention, fp32, no compile: how the release trains; on a CPU eager trains with the
+explicit form too, so in fp32 the two are the same computation). Synthetic latents; both passes
+of the MDTv2 objective; Adan as in the paper. Prints one JSON object (rank 0) and writes it to
+--out if given.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from mdt_ds.diffusion import create_diffusion  # noqa: E402
 from mdt_ds.diffusion.loss import MDTv2Loss  # noqa: E402
 from mdt_ds.ema import ShardedEMA  # noqa: E402
 from mdt_ds.engine import PRECISION_DTYPES, build_engine  # noqa: E402
-from mdt_ds.hostmem import HeapPeak, heap_in_use_bytes  # noqa: E402
+from mdt_ds.hostmem import HeapPeak  # noqa: E402
 from mdt_ds.models.flops import count_params, train_macs_per_image  # noqa: E402
 from mdt_ds.monitor import device_name, measure_peak_flops, memory_gb  # noqa: E402
 from mdt_ds.syncs import count_host_syncs  # noqa: E402
@@ -230,7 +232,6 @@ def run_variant(name: str, base: list[str], args: argparse.Namespace, env, peaks
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     heap = HeapPeak()  # the host's per-variant peak: max RSS spans the whole process
-    heap_at_start = heap_in_use_bytes()  # what earlier variants left allocated, if anything
     try:
         with heap:
             runner = Runner(cfg, env.world_size, args.batch)
@@ -261,7 +262,7 @@ def run_variant(name: str, base: list[str], args: argparse.Namespace, env, peaks
     else:
         # Its own allocations: an engine leaves ~0.9 GB (S/2) in use after it is deleted, so the
         # heap's level at a variant's start grows with every variant before it.
-        out.update(peak_memory_gb=(heap.peak - heap_at_start) / 2**30, heap_at_start_gb=heap_at_start / 2**30,
+        out.update(peak_memory_gb=(heap.peak - heap.start) / 2**30, heap_at_start_gb=heap.start / 2**30,
                    memory_note="peak glibc heap in use (mallinfo2, sampled every 2 ms while this variant was "
                    "built and timed) minus the heap in use when it began: allocated bytes, as "
                    "torch.cuda.max_memory_allocated counts them, pages never touched included")

@@ -252,12 +252,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value is None and type(None) in typing.get_args(tp):
             return None
         options = [a for a in typing.get_args(tp) if a is not type(None)]
-        for option in options[:-1]:  # the first option that takes the value wins
+        for option in options:  # the first option that takes the value wins
             try:
                 return _coerce(value, option, key)
             except ConfigError:
                 pass
-        return _coerce(value, options[-1], key)
+        allowed = " or ".join(_type_name(option) for option in options)
+        raise ConfigError(f"{key}: expected {allowed}, got {value!r} ({type(value).__name__})")
     if origin is Literal:
         allowed = typing.get_args(tp)
         # type check too: True == 1 and 2.0 == 2 in Python, but neither is a ZeRO stage
@@ -287,9 +288,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is int and isinstance(value, str) and value.isdigit():
         # config.json files of earlier versions hold diffusion.sample_steps as a string ("250")
         return int(value)
-    if tp is bool and value in ("true", "false"):
-        # a field that also takes text (optim.fused: "auto") keeps an override's raw text
-        return value == "true"
     if tp is bool:
         ok = isinstance(value, bool)
     elif tp is int:
@@ -362,8 +360,10 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             node = node[part]
         if leaf not in node and not free_form:
             raise ConfigError(f"unknown key {key}; allowed keys: {sorted(node)}")
-        if isinstance(node.get(leaf), str) and not isinstance(value, str):
-            value = raw[key]  # a text field keeps the text: sample_steps=250, run_dir=2024
+        if isinstance(node.get(leaf), str) and not isinstance(value, (str, bool)):
+            # a text field keeps the text (sample_steps=250, run_dir=2024, activation_checkpointing=[1,4]);
+            # true/false stay booleans for a field that takes either (optim.fused: true, false or "auto")
+            value = raw[key]
         node[leaf] = value
     return from_dict(TrainConfig, data)
 

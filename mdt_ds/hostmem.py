@@ -19,7 +19,6 @@ import logging
 import os
 import platform
 import threading
-from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ def keep_freed_memory() -> bool:
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
-    libc = ctypes.CDLL("libc.so.6")
+    libc = _libc()
     # mallopt returns 1 on success; a trim threshold of -1 turns trimming off (mallopt(3)).
     settings = {"M_MMAP_MAX": (M_MMAP_MAX, 0), "M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, -1),
                 "M_TOP_PAD": (M_TOP_PAD, TOP_PAD_BYTES)}
@@ -77,31 +76,35 @@ def heap_in_use_bytes() -> int | None:
     blocks): the host's analogue of ``torch.cuda.memory_allocated``. Unlike the process's RSS it
     drops when tensors are freed, also where ``cpu_malloc=keep`` keeps the freed pages resident.
     None off glibc (or before 2.33)."""
-    mallinfo2 = _mallinfo2()
-    if mallinfo2 is None:
-        return None
     info = mallinfo2()
-    return int(info.uordblks + info.hblkhd)
+    return None if info is None else int(info.uordblks + info.hblkhd)
+
+
+def mallinfo2() -> _MallInfo2 | None:
+    """glibc's allocator statistics (mallinfo(3)): ``hblkhd`` bytes in mmapped blocks,
+    ``uordblks`` bytes of heap blocks in use, ... None off glibc or before 2.33."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or not hasattr(_libc(), "mallinfo2"):
+        return None
+    return _libc().mallinfo2()
 
 
 @functools.lru_cache(maxsize=1)
-def _mallinfo2() -> Callable[[], _MallInfo2] | None:
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
+def _libc() -> ctypes.CDLL:
     libc = ctypes.CDLL("libc.so.6")
-    if not hasattr(libc, "mallinfo2"):
-        return None
-    libc.mallinfo2.restype = _MallInfo2
-    return libc.mallinfo2
+    if hasattr(libc, "mallinfo2"):
+        libc.mallinfo2.restype = _MallInfo2
+    return libc
 
 
 class HeapPeak:
     """The largest :func:`heap_in_use_bytes` seen while the ``with`` block runs, sampled every
-    ``interval`` seconds from a thread (tensor ops release the GIL): a per-phase peak of host
-    memory, where the process's max RSS only ever grows. ``peak`` stays None off glibc."""
+    ``interval`` seconds from a thread (tensor ops release the GIL), and ``start``, the heap in
+    use when it began: a per-phase peak of host memory, where the process's max RSS only ever
+    grows. Both stay None off glibc."""
 
     def __init__(self, interval: float = 0.002):
         self.interval = interval
+        self.start: int | None = None
         self.peak: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -111,6 +114,7 @@ class HeapPeak:
             pass
 
     def __enter__(self) -> HeapPeak:
+        self.start = heap_in_use_bytes()
         self._thread = threading.Thread(target=self._sample, name="heap-peak", daemon=True)
         self._thread.start()
         return self

@@ -4,8 +4,9 @@ AdamW (fused on CUDA), and the LR schedule (constant, with an optional linear wa
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -80,22 +81,22 @@ def _adan_fused_update_(
     neg_prev.copy_(g.neg())
 
 
-# Compiled on first use. dynamic=True: one graph for every partition size (ranks differ) and the
-# scalars (lr, bias corrections: new every step) are kernel arguments, not recompile triggers.
-# Not fullgraph: under a TorchDispatchMode (the benchmark's host-sync counter) dynamo cannot
-# trace and the same update then runs eagerly instead of raising.
-_fused_update: Any = None
+@functools.lru_cache(maxsize=1)
+def _compiled_update() -> Callable[..., None]:
+    """:func:`_adan_fused_update_` compiled once per process, on first use. dynamic=True: one
+    graph for every partition size (ranks differ), and the scalars (lr, bias corrections: new
+    every step) are kernel arguments, not recompile triggers. Not fullgraph: under a
+    TorchDispatchMode (the benchmark's host-sync counter) dynamo cannot trace, and the same
+    update then runs eagerly instead of raising."""
+    return torch.compile(_adan_fused_update_, dynamic=True)
 
 
 def _adan_fused(
     *state: list[torch.Tensor], betas: tuple[float, float, float], step: int, lr: float, eps: float,
     weight_decay: float, no_prox: bool,
 ) -> None:
-    """:func:`_adan_fused_update_` over each (flat) tensor, compiled once per process. ``state``:
+    """:func:`_adan_fused_update_` over each (flat) tensor, compiled. ``state``:
     the lists of :func:`_adan_multi_tensor` (params, grads, m, v, n, neg_prev), same keywords."""
-    global _fused_update
-    if _fused_update is None:
-        _fused_update = torch.compile(_adan_fused_update_, dynamic=True)
     b1, b2, b3 = betas
     decay_mul = 1 - lr * weight_decay if no_prox else 1.0
     decay_div = 1.0 if no_prox else 1 + lr * weight_decay
@@ -104,7 +105,7 @@ def _adan_fused(
         # Flat views: dynamo keeps a parameter's shape static (a recompile per partition size);
         # a view is a plain tensor, and the update writes through it. (A view of a 2-D or 4-D
         # parameter, ZeRO-0's few-tensor case, adds one graph per rank of its base.)
-        _fused_update(*(t.view(-1) for t in tensors), *scalars)
+        _compiled_update()(*(t.view(-1) for t in tensors), *scalars)
 
 
 def _apply_into(dst: list[torch.Tensor], src: list[torch.Tensor], op, foreach_op_, few: bool) -> None:
@@ -160,7 +161,8 @@ class Adan(TimmAdan):
                 ):
                     out.append(t)
             if lists[0]:
-                fuse = self.fused and len(lists[0]) <= FUSED_MAX_TENSORS and all(t.is_contiguous() for ts in lists for t in ts)
+                fuse = self.fused and len(lists[0]) <= FUSED_MAX_TENSORS
+                fuse = fuse and all(t.is_contiguous() for ts in lists for t in ts)  # flat views below
                 update = _adan_fused if fuse else _adan_multi_tensor
                 update(
                     *lists,

@@ -18,18 +18,10 @@ pytestmark = pytest.mark.core
 # A step's allocation pattern on the host: ZeRO's step concatenates the gradients into a fresh
 # flat partition, and activations are fresh tensors; all freed at the end of the step.
 STEP_SCRIPT = """
-import ctypes, json, resource, sys, torch
-from mdt_ds.hostmem import keep_freed_memory
+import json, resource, sys, torch
+from mdt_ds.hostmem import keep_freed_memory, mallinfo2
 applied = keep_freed_memory() if sys.argv[1] == "keep" else False
-
-class MallInfo2(ctypes.Structure):  # glibc >= 2.33, mallinfo(3)
-    _fields_ = [(name, ctypes.c_size_t) for name in (
-        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
-        "fordblks", "keepcost")]
-
-libc = ctypes.CDLL("libc.so.6")
-libc.mallinfo2.restype = MallInfo2
-mmapped_before = libc.mallinfo2().hblkhd  # blocks the imports left mapped, policy or not
+mmapped_before = mallinfo2().hblkhd  # blocks the imports left mapped, policy or not
 grads = [torch.randn(1 << 20) for _ in range(40)]  # 160 MB of gradients
 mmapped = []
 
@@ -38,7 +30,7 @@ def step():
     act = torch.empty(30 << 20)
     act.fill_(1.0)
     flat.mul_(2.0)
-    mmapped.append(libc.mallinfo2().hblkhd)
+    mmapped.append(mallinfo2().hblkhd)
 
 faults = []
 for _ in range(STEPS):
@@ -76,7 +68,7 @@ def test_a_users_allocator_setting_wins(monkeypatch: pytest.MonkeyPatch) -> None
     def no_mallopt(*_args: object) -> None:
         raise AssertionError("mallopt must not be called when the user chose the allocator")
 
-    monkeypatch.setattr(hostmem.ctypes, "CDLL", no_mallopt)
+    monkeypatch.setattr(hostmem, "_libc", no_mallopt)
     for name, value in (("MALLOC_MMAP_MAX_", "65536"), ("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=1"),
                         ("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")):
         with monkeypatch.context() as env:
@@ -120,7 +112,7 @@ def test_a_refused_setting_is_reported_and_the_rest_still_tried(monkeypatch: pyt
 
     monkeypatch.setattr(hostmem, "user_allocator_setting", lambda: None)
     monkeypatch.setattr(hostmem.platform, "libc_ver", lambda: ("glibc", "2.36"))
-    monkeypatch.setattr(hostmem.ctypes, "CDLL", lambda _name: Libc())
+    monkeypatch.setattr(hostmem, "_libc", lambda: Libc())
     assert hostmem.keep_freed_memory() is False
     assert sorted(tried) == sorted([hostmem.M_MMAP_MAX, hostmem.M_TRIM_THRESHOLD, hostmem.M_TOP_PAD])
 
@@ -137,5 +129,5 @@ def test_heap_peak_is_per_block_where_max_rss_only_grows() -> None:
     with hostmem.HeapPeak() as small:
         kept = torch.ones(2048)
         time.sleep(0.05)
-    assert big.peak - base >= 400 << 20
-    assert small.peak - base < 16 << 20 and kept.sum() == 2048
+    assert big.start == base and big.peak - base >= 400 << 20
+    assert small.peak - small.start < 16 << 20 and small.peak - base < 16 << 20 and kept.sum() == 2048

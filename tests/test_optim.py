@@ -85,6 +85,8 @@ def test_fused_adan_is_chosen_by_config() -> None:
     assert apply_overrides(TrainConfig(), ["optim.fused=true"]).optim.fused is True
     with pytest.raises(ConfigError, match="optim.fused"):
         OptimConfig(name="adamw", betas=[0.9, 0.999], fused=True)
+    with pytest.raises(ConfigError, match="expected bool or one of 'auto'"):  # names every allowed value
+        apply_overrides(TrainConfig(), ["optim.fused=yes"])
 
 
 # In a child process: DeepSpeed keeps its process groups in module globals, and a second
