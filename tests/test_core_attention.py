@@ -149,17 +149,73 @@ class OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_cpu_training_skips_sdpas_math_path_and_inference_keeps_sdpa() -> None:
-    """With a bias that needs grad, CPU SDPA runs its math path: the same softmax plus a
-    fully-masked-row check (isneginf/all/where inside _safe_softmax) that a finite bias never
-    needs. Training on CPU runs the explicit form; inference keeps SDPA's fused CPU kernel."""
-    attn, x = attention("sdpa"), torch.randn(2, 64, 32)
-    with OpLog() as log:
-        attn(x)
-    assert "aten._safe_softmax.default" not in log.ops and log.ops["aten._softmax.default"] == 1
-    with torch.no_grad(), OpLog() as log:
-        attn(x)
-    assert "aten._scaled_dot_product_flash_attention_for_cpu.default" in log.ops, log.ops
+class SdpaSpy:
+    """Records the attn_mask of every scaled_dot_product_attention call, then calls torch's."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.masks: list[torch.Tensor] = []
+        original = F.scaled_dot_product_attention
+
+        def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            self.masks.append(kwargs["attn_mask"])
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+
+
+def test_training_runs_sdpa_with_aligned_bias_rows_on_every_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """"sdpa" is SDPA in training on a CPU too (no switch to the explicit form), with the bias
+    rows padded to 8 elements as CUDA's kernels take them, and its gradients are the explicit
+    form's: the branch a GPU trains is the branch this test trains."""
+    spy = SdpaSpy(monkeypatch)
+    sdpa, explicit = attention("sdpa"), attention("explicit")
+    ids_keep = kept_indices(2, 64, 37)  # 37 % 8 != 0: the padded storage is used
+    x = torch.randn(2, 37, 32, generator=torch.Generator().manual_seed(3))
+    sdpa(x, ids_keep).square().sum().backward()
+    explicit(x, ids_keep).square().sum().backward()
+    (mask,) = spy.masks
+    assert mask.requires_grad and mask.shape == (2, 4, 37, 37) and mask.stride(-2) % 8 == 0
+    for (name, a), b in zip(explicit.named_parameters(), sdpa.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, **TOL, msg=name)
+
+
+class GatherDtypes(TorchDispatchMode):
+    """The dtype of every aten.gather input and of every scatter (the gather's backward) output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gathered: list[torch.dtype] = []
+        self.scattered: list[torch.dtype] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name == "gather":
+            self.gathered.append(args[0].dtype)
+        elif name.startswith("scatter") or name == "gather_backward":
+            self.scattered.append(out.dtype)
+        return out
+
+
+@pytest.mark.parametrize("compute", ["autocast", "pure-bf16"])
+@pytest.mark.parametrize("masked", [False, True], ids=["full", "masked"])
+def test_bias_table_is_gathered_and_its_gradient_summed_in_fp32(compute: str, masked: bool) -> None:
+    """Under bf16 compute the table is gathered in fp32 and cast afterwards, so the gather's
+    backward sums each entry's logit gradients in fp32 (on CUDA a bf16 table would sum them
+    with bf16 atomics: the device check measures that error). The bias SDPA gets is bf16."""
+    attn = attention("sdpa")
+    if compute == "pure-bf16":
+        attn = attn.to(torch.bfloat16)
+    ids_keep = kept_indices(2, 64, 37) if masked else None
+    x = torch.randn(2, 37 if masked else 64, 32, generator=torch.Generator().manual_seed(3))
+    with GatherDtypes() as seen, torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute == "autocast"):
+        out = attn(x.to(next(attn.parameters()).dtype), ids_keep)
+        out.float().square().sum().backward()
+    assert out.dtype == torch.bfloat16
+    assert seen.gathered and set(seen.gathered) == {torch.float32}
+    assert seen.scattered and set(seen.scattered) == {torch.float32}
+    table = attn.rel_pos_bias.relative_position_bias_table
+    assert table.grad is not None and table.grad.dtype == table.dtype
 
 
 def test_qkv_split_backward_is_one_stack() -> None:
@@ -217,19 +273,12 @@ def test_attention_option_reaches_every_block_and_keeps_the_state_dict() -> None
 
 
 def test_sdpa_gets_a_contiguous_bias_in_q_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
-    masks = []
-    original = F.scaled_dot_product_attention
-
-    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        masks.append(kwargs["attn_mask"])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    spy = SdpaSpy(monkeypatch)
     attn = attention("sdpa")
-    # no_grad: CPU training runs the explicit form (tested below); inference calls SDPA.
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         attn(torch.randn(2, 64, 32))
-    assert masks[0].shape == (1, 4, 64, 64) and masks[0].is_contiguous() and masks[0].dtype == torch.bfloat16
+    assert spy.masks[0].shape == (1, 4, 64, 64) and spy.masks[0].is_contiguous()
+    assert spy.masks[0].dtype == torch.bfloat16
 
 
 # ----------------------------------------------------------------------------- host syncs

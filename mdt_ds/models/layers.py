@@ -136,21 +136,29 @@ class RelativePositionBias(nn.Module):
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
         self.register_buffer("relative_position_index", relative_position_index(grid), persistent=True)
 
-    def _table(self, dtype: torch.dtype | None) -> torch.Tensor:
-        # Cast the small table, not the gathered bias: the same rounding, fewer bytes.
-        table = self.relative_position_bias_table
-        return (table if dtype is None else table.to(dtype)).t()  # [H, R]
+    def _table(self) -> torch.Tensor:
+        """The table as ``[H, R]`` in fp32, whatever the parameter's dtype. The gather's backward
+        sums every logit gradient of a table entry (hundreds to thousands per entry and step,
+        nearly cancelling: softmax rows sum to zero); gathered from a bf16 table that sum would
+        run in bf16 (on CUDA as bf16 atomics, in any order) and lose the small terms. Gathered
+        from fp32 it is summed in fp32 and rounded once, into the parameter's own dtype."""
+        return self.relative_position_bias_table.float().t()
+
+    @staticmethod
+    def _cast(bias: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        return bias if dtype is None else bias.to(dtype)
 
     def forward(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The full bias ``[heads, L, L]``, contiguous."""
-        table = self._table(dtype)
+        """The full bias ``[heads, L, L]``, contiguous, gathered in fp32 and cast to ``dtype``
+        (default: fp32)."""
+        table = self._table()
         length = self.grid**2
         index = self.relative_position_index.view(1, -1).expand(table.shape[0], -1)
-        return torch.gather(table, 1, index).view(-1, length, length)
+        return self._cast(torch.gather(table, 1, index).view(-1, length, length), dtype)
 
     def kept(self, ids_keep: torch.Tensor, dtype: torch.dtype | None = None, align: int = 1) -> torch.Tensor:
         """Per-sample bias ``[B, H, K, K]`` between the kept tokens' original positions,
-        ``bias[h, keep[b, i], keep[b, j]]``. ``align > 1`` pads the storage of each row to a
+        ``bias[h, keep[b, i], keep[b, j]]``, gathered in fp32 and cast to ``dtype``. ``align > 1`` pads the storage of each row to a
         multiple of ``align`` (the view is still ``K`` wide), so a kernel that wants aligned
         strides (CUDA mem-efficient SDPA: 8 elements) takes it without its own padded copy."""
         batch, kept = ids_keep.shape
@@ -158,10 +166,10 @@ class RelativePositionBias(nn.Module):
         if align > 1:  # branch on the Python int only: K may be symbolic under torch.compile
             rel = F.pad(rel, (0, (-kept) % align))  # index 0 is a valid row; the view drops it
         padded = rel.shape[-1]
-        table = self._table(dtype)
+        table = self._table()
         heads = table.shape[0]
         index = rel.view(batch, 1, kept * padded).expand(-1, heads, -1)
-        bias = torch.gather(table.unsqueeze(0).expand(batch, -1, -1), 2, index)
+        bias = self._cast(torch.gather(table.unsqueeze(0).expand(batch, -1, -1), 2, index), dtype)
         return bias.view(batch, heads, kept, padded)[..., :kept]
 
 
@@ -173,6 +181,9 @@ def gather_bias(bias: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
 
 
 ATTENTION_BACKENDS = ("sdpa", "flex", "explicit")
+# Bias rows padded to a multiple of 8 elements: CUDA's memory-efficient SDPA kernel needs aligned
+# mask strides and would otherwise copy the bias into a padded buffer itself, every block.
+SDPA_ROW_ALIGN = 8
 _compiled_flex: Callable[..., torch.Tensor] | None = None
 
 
@@ -259,25 +270,25 @@ class Attention(nn.Module):
         self, x: torch.Tensor, ids_keep: torch.Tensor | None = None, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``bias``: this layer's :meth:`bias` for ``ids_keep`` computed by the caller (compiled
-        blocks gather it outside the graph); ``None`` gathers it here. Flex reads the table."""
+        blocks gather it outside the graph); ``None`` gathers it here. Flex reads the table.
+        The same branch runs on every device: "sdpa" is SDPA on a CPU too (in training that is
+        its math path), with the same 8-aligned bias rows that CUDA's kernels want."""
         batch, tokens, dim = x.shape
         q, k, v = self.qkv_heads(x)
         if self.backend == "flex":
             self._check_flex(q)
-            out = flex_attention_with_bias(q, k, v, self.rel_pos_bias(q.dtype), self.scale, ids_keep)
+            # FlexAttention computes its scores in fp32 whatever q's dtype: the bias stays fp32.
+            out = flex_attention_with_bias(q, k, v, self.rel_pos_bias(torch.float32), self.scale, ids_keep)
             return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
-        # Under autocast q is bf16/fp16 while the table is fp32: SDPA needs the mask in q.dtype.
-        bias = None if bias is None else bias.to(q.dtype)
-        # CPU SDPA has no fused kernel for a mask that needs grad: it runs its math path, the same
-        # computation plus a masked-row check (isneginf, all, where: about 3% of an S/2 step here)
-        # that a finite bias never needs. So CPU training runs the explicit form; CPU inference
-        # keeps SDPA's fused kernel.
-        if self.backend == "explicit" or (not q.is_cuda and torch.is_grad_enabled()):
-            out = explicit_attention(q, k, v, self.bias(ids_keep, q.dtype) if bias is None else bias, self.scale)
+        if bias is None:
+            align = SDPA_ROW_ALIGN if self.backend == "sdpa" else 1
+            bias = self.bias(ids_keep, q.dtype, align)
         else:
-            if bias is None:
-                align = 8 if q.is_cuda else 1  # mem-efficient SDPA pads unaligned masks itself
-                bias = self.bias(ids_keep, q.dtype, align)
+            # Under autocast q is bf16/fp16 while the given bias is fp32: SDPA needs the mask in q.dtype.
+            bias = bias.to(q.dtype)
+        if self.backend == "explicit":
+            out = explicit_attention(q, k, v, bias, self.scale)
+        else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(batch, tokens, dim))
 
