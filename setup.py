@@ -12,7 +12,7 @@ setup(
     packages=find_packages(include=["mdt_ds", "mdt_ds.*"]),
     package_data={"mdt_ds": ["data/FORMAT.md"]},
     install_requires=[
-        "torch>=2.4,<=2.14.1",
+        "torch>=2.6",  # a floor only: never replace a cluster's own CUDA build (constraints.txt pins CI)
         "numpy",
         "pyyaml",
         "tqdm",
@@ -21,7 +21,7 @@ setup(
         "diffusers>=0.30",
         "webdataset>=0.2.86",
         "zlib-ng>=0.5",  # fast crc32 of every sample (mdt_ds.data.shards)
-        "deepspeed>=0.15",
+        "deepspeed>=0.19,<0.20",  # the EMA and the universal form read its internals
         "timm>=1.0",
         "tensorboard",
         "ninja",

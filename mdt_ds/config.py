@@ -153,6 +153,41 @@ class OptimConfig:
 
 
 @dataclass
+class CommConfig:
+    """How the ranks talk: the collective timeout and DeepSpeed's gradient buckets (derived into
+    the DeepSpeed JSON). Bucket sizes are in elements. Smaller buckets start the first gradient
+    reduction earlier in the backward (DeepSpeed's default, 5e8 elements, is most of an XL/2
+    model: its reduction would begin after about two thirds of the backward); see the README's
+    multi-node settings."""
+
+    # Minutes a collective may wait before the process group aborts. Every rank-0-only phase
+    # (a checkpoint's publish, an EMA snapshot, a grid) must fit in it: DeepSpeed's default is 10.
+    timeout_min: float = 60.0  # mdt_ds.dist.DEFAULT_TIMEOUT_MIN
+    reduce_bucket_size: int = 50_000_000
+    allgather_bucket_size: int = 50_000_000
+    # Reduce the gradient buckets on a side stream while the backward goes on (ZeRO-1/2;
+    # DeepSpeed turns it on only for ZeRO-3 by default).
+    overlap_comm: bool = True
+    # DeepSpeed's default (true) all-reduces every bucket to all ranks; false reduces each range
+    # to the rank that owns it, which is what ZeRO-1/2 need (less traffic per rank).
+    multi_rank_bucket_allreduce: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.timeout_min > 0:
+            raise ConfigError(f"comm.timeout_min must be > 0, got {self.timeout_min}")
+        for name in ("reduce_bucket_size", "allgather_bucket_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"comm.{name} must be >= 1 element, got {getattr(self, name)}")
+
+
+# Training precisions: "fp32"; "bf16-amp": fp32 parameters (and residual stream, norms,
+# modulation, embeddings) with the matmuls under torch.autocast (DeepSpeed's torch_autocast);
+# "bf16": DeepSpeed's bf16 mode, every parameter and activation in bf16 (fp32 master in the
+# optimizer); "fp16": as "bf16" in fp16, with dynamic loss scaling.
+PRECISIONS = ("bf16", "bf16-amp", "fp16", "fp32")
+
+
+@dataclass
 class TrainConfig:
     """One training run. ``global_batch = micro_batch x grad_accum x world_size``."""
 
@@ -160,11 +195,12 @@ class TrainConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
     run_dir: str = "runs/default"
     steps: int = 400_000
     global_batch: int = 256
     micro_batch: int = 0  # 0: global_batch / world_size (no accumulation)
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: Literal["bf16", "bf16-amp", "fp16", "fp32"] = "bf16"  # see PRECISIONS
     zero_stage: Literal[0, 1, 2, 3] = 2
     # Extra DeepSpeed systems knobs (communication, buckets, loss scaling), merged into the
     # derived JSON; fields derived from this config (batch, precision, stage, clipping) may not
@@ -180,6 +216,10 @@ class TrainConfig:
     log_every: int = 100
     ckpt_every: int = 5000
     keep_ckpts: int = 3  # newest full checkpoints kept (resume state); 0: keep all
+    # The world-size-independent form of the training state (what resuming on another number of
+    # GPUs or ZeRO stage reads) goes into every universal_every-th checkpoint and into the
+    # checkpoints of a stop (preemption, time budget) and of the end; 1: every checkpoint.
+    universal_every: int = 4
     # EMA snapshots (small, for sampling): every snapshot_every steps (0: with every checkpoint)
     # and at the end of the run; the newest keep_snapshots are kept (0: all); one format by default.
     snapshot_every: int = 0
@@ -210,7 +250,13 @@ class TrainConfig:
         checkpointing_scope(self.activation_checkpointing)
         if self.stop_check_every < 1:
             raise ConfigError(f"stop_check_every must be >= 1, got {self.stop_check_every}")
-        for name in ("keep_ckpts", "keep_snapshots", "snapshot_every", "ckpt_every"):
+        if self.compile and self.zero_stage == 3:
+            # DeepSpeed's ZeRO-3 gathers parameters in module hooks that dynamo traces, hits its
+            # recompile limit in and runs eagerly behind: untested, and slower than ZeRO-2.
+            raise ConfigError("compile=true with zero_stage=3 is not supported (untested: DeepSpeed's ZeRO-3 "
+                              "parameter hooks defeat the compiled blocks); use zero_stage=1 or 2 with compile, "
+                              "or compile=false")
+        for name in ("keep_ckpts", "keep_snapshots", "snapshot_every", "ckpt_every", "universal_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
@@ -437,11 +483,34 @@ def resolve_batch(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     """The effective DeepSpeed JSON: systems knobs from ``cfg.deepspeed`` plus the fields derived
-    from the run config (batch arithmetic, precision, ZeRO stage, clipping) in one place."""
+    from the run config (batch arithmetic, precision, ZeRO stage, clipping, communication) in one
+    place."""
     clash = sorted(set(cfg.deepspeed) & set(DERIVED_DS_KEYS))
     if clash:
         raise ConfigError(f"deepspeed.{clash[0]} is derived from the run config; set it there instead ({DERIVED_DS_KEYS})")
     micro, accum = resolve_batch(cfg, world_size)
+    ds = {
+        **cfg.deepspeed,
+        "train_batch_size": cfg.global_batch,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": _zero_section(cfg),
+        "steps_per_print": 10**9,  # we log ourselves
+        "zero_allow_untested_optimizer": True,  # Adan is a client optimizer
+    }
+    ds.update(_precision_sections(cfg, accum))
+    return ds
+
+
+# zero_optimization keys derived from cfg.comm (comm.<name> -> DeepSpeed's key)
+COMM_ZERO_KEYS = {
+    "reduce_bucket_size": "reduce_bucket_size", "allgather_bucket_size": "allgather_bucket_size",
+    "overlap_comm": "overlap_comm", "multi_rank_bucket_allreduce": "use_multi_rank_bucket_allreduce",
+}
+
+
+def _zero_section(cfg: TrainConfig) -> dict[str, Any]:
     zero = dict(cfg.deepspeed.get("zero_optimization", {}))
     if "stage" in zero and zero["stage"] != cfg.zero_stage:
         raise ConfigError(f"deepspeed.zero_optimization.stage={zero['stage']} contradicts zero_stage={cfg.zero_stage}")
@@ -453,34 +522,54 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         raise ConfigError(f"deepspeed.zero_optimization.{offload[0]} is not supported: the EMA and the universal "
                           "checkpoint keep the fp32 fragments on the GPU. Use activation_checkpointing or a higher "
                           "zero_stage to save memory instead.")
-    ds = {
-        **cfg.deepspeed,
-        "train_batch_size": cfg.global_batch,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accum,
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": zero,
-        "steps_per_print": 10**9,  # we log ourselves
-        "zero_allow_untested_optimizer": True,  # Adan is a client optimizer
-    }
+    for ours, theirs in COMM_ZERO_KEYS.items():
+        if theirs in zero:
+            raise ConfigError(f"deepspeed.zero_optimization.{theirs} is derived from comm.{ours}; set comm.{ours}")
+        zero[theirs] = getattr(cfg.comm, ours)
+    return zero
+
+
+def _precision_sections(cfg: TrainConfig, accum: int) -> dict[str, Any]:
+    """bf16 / fp16 / torch_autocast sections, the gradient accumulation dtype and the reduction dtype."""
+    out: dict[str, Any] = {}
+    amp = cfg.precision == "bf16-amp"
     # Precision comes from `precision`; the bf16/fp16 sections may only carry knobs (loss scaling).
-    for name in ("bf16", "fp16"):
+    for name in ("bf16", "fp16", "torch_autocast"):
         knobs = dict(cfg.deepspeed.get(name, {}))
-        if "enabled" in knobs:
-            raise ConfigError(f"deepspeed.{name}.enabled is derived from precision={cfg.precision!r}; remove it")
-        ds[name] = {**knobs, "enabled": cfg.precision == name}
+        if "enabled" in knobs or (name == "torch_autocast" and knobs):
+            raise ConfigError(f"deepspeed.{name} is derived from precision={cfg.precision!r}; remove it")
+        if name != "torch_autocast":
+            out[name] = {**knobs, "enabled": cfg.precision == name}
+    if amp:
+        # fp32 parameters; DeepSpeed's engine runs the forward under torch.autocast(bf16). Its
+        # "lower precision safe" modules (Linear, Conv) reduce their gradients in bf16 unless
+        # grad_reduce_dtype=fp32 names none of them.
+        out["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        if cfg.grad_reduce_dtype == "fp32":
+            out["torch_autocast"]["lower_precision_safe_modules"] = []
+        elif cfg.grad_reduce_dtype == "fp16":
+            raise ConfigError("grad_reduce_dtype='fp16' does not go with precision='bf16-amp'; use 'auto', 'bf16' or 'fp32'")
+    if "data_types" in cfg.deepspeed:
+        raise ConfigError("deepspeed.data_types is derived: gradients accumulate in fp32 whenever grad_accum > 1")
+    if accum > 1 and cfg.precision in ("bf16", "fp16"):
+        # DeepSpeed accumulates in the parameter dtype unless told: a bf16 sum over micro-steps.
+        if cfg.zero_stage == 0:
+            raise ConfigError(f"precision={cfg.precision!r} with zero_stage=0 would accumulate gradients over "
+                              f"{accum} micro-steps in {cfg.precision} (DeepSpeed has no fp32 accumulation there); "
+                              "use zero_stage>=1, precision='bf16-amp', or grad_accum 1")
+        out["data_types"] = {"grad_accum_dtype": "fp32"}
     # DeepSpeed 0.19.8 reads "communication_data_type" (runtime/config.py) and casts every
     # gradient bucket to it before the all-reduce / reduce-scatter (ZeRO-0 engine path and the
     # ZeRO-1/2/3 optimizers). Unset, it reduces in the training precision: bf16 under bf16.
-    if cfg.grad_reduce_dtype != "auto":
+    if cfg.grad_reduce_dtype != "auto" and not amp:
         user = cfg.deepspeed.get("communication_data_type")
         if user is not None and user != cfg.grad_reduce_dtype:
             raise ConfigError(
                 f"deepspeed.communication_data_type={user!r} contradicts grad_reduce_dtype="
                 f"{cfg.grad_reduce_dtype!r}; set only grad_reduce_dtype"
             )
-        ds["communication_data_type"] = cfg.grad_reduce_dtype
-    return ds
+        out["communication_data_type"] = cfg.grad_reduce_dtype
+    return out
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

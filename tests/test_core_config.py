@@ -275,3 +275,63 @@ def test_zero_offload_is_refused_in_one_line() -> None:
             deepspeed_config(cfg, world_size=1)
     off = TrainConfig(global_batch=8, deepspeed={"zero_optimization": {"offload_optimizer": {"device": "none"}}})
     assert deepspeed_config(off, world_size=1)["zero_optimization"]["offload_optimizer"] == {"device": "none"}
+
+
+def derived(*overrides: str, world_size: int = 2) -> dict:
+    from mdt_ds.config import deepspeed_config
+
+    return deepspeed_config(apply_overrides(TrainConfig(), ["global_batch=16", *overrides]), world_size=world_size)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_low_precision_gradients_accumulate_in_fp32_over_micro_steps(precision: str, stage: int) -> None:
+    """DeepSpeed accumulates in the parameter dtype unless told: bf16 sums over micro-steps."""
+    one = derived(f"precision={precision}", f"zero_stage={stage}")  # 16 = 8 x 1 x 2
+    assert one["gradient_accumulation_steps"] == 1 and "data_types" not in one
+    many = derived(f"precision={precision}", f"zero_stage={stage}", "micro_batch=2")  # 16 = 2 x 4 x 2
+    assert many["gradient_accumulation_steps"] == 4 and many["data_types"] == {"grad_accum_dtype": "fp32"}
+    for fp32_params in ("fp32", "bf16-amp"):  # fp32 parameters accumulate in fp32 already
+        assert "data_types" not in derived(f"precision={fp32_params}", f"zero_stage={stage}", "micro_batch=2")
+
+
+def test_zero0_low_precision_accumulation_and_a_hand_set_dtype_are_refused() -> None:
+    with pytest.raises(ConfigError, match="zero_stage=0 would accumulate gradients over 4 micro-steps in bf16"):
+        derived("precision=bf16", "zero_stage=0", "micro_batch=2")
+    assert "data_types" not in derived("precision=bf16", "zero_stage=0")  # no accumulation: fine
+    with pytest.raises(ConfigError, match="data_types is derived"):
+        derived("precision=bf16", 'deepspeed={"data_types": {"grad_accum_dtype": "bf16"}}')
+
+
+def test_bf16_amp_keeps_fp32_parameters_under_deepspeeds_autocast() -> None:
+    ds = derived("precision=bf16-amp")
+    assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}  # Linear/Conv reduce in bf16
+    assert "communication_data_type" not in ds  # DeepSpeed ignores it under autocast
+    fp32 = derived("precision=bf16-amp", "grad_reduce_dtype=fp32")
+    assert fp32["torch_autocast"]["lower_precision_safe_modules"] == []  # every gradient reduces in fp32
+    with pytest.raises(ConfigError, match="grad_reduce_dtype='fp16' does not go with precision='bf16-amp'"):
+        derived("precision=bf16-amp", "grad_reduce_dtype=fp16")
+    with pytest.raises(ConfigError, match="deepspeed.torch_autocast is derived"):
+        derived("precision=bf16-amp", 'deepspeed={"torch_autocast": {"dtype": "float16"}}')
+
+
+def test_communication_settings_are_derived_from_the_comm_section() -> None:
+    zero = derived()["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 50_000_000
+    assert zero["overlap_comm"] is True and zero["use_multi_rank_bucket_allreduce"] is False
+    zero = derived("comm.reduce_bucket_size=20000000", "comm.overlap_comm=false")["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 20_000_000 and zero["overlap_comm"] is False
+    with pytest.raises(ConfigError, match="reduce_bucket_size is derived from comm.reduce_bucket_size"):
+        derived('deepspeed={"zero_optimization": {"reduce_bucket_size": 5}}')
+    with pytest.raises(ConfigError, match="comm.timeout_min must be > 0"):
+        apply_overrides(TrainConfig(), ["comm.timeout_min=0"])
+    from mdt_ds.dist import DEFAULT_TIMEOUT_MIN
+
+    assert TrainConfig().comm.timeout_min == DEFAULT_TIMEOUT_MIN == 60
+
+
+def test_compile_with_zero3_is_refused_in_one_line() -> None:
+    with pytest.raises(ConfigError, match="compile=true with zero_stage=3 is not supported"):
+        apply_overrides(TrainConfig(), ["compile=true", "zero_stage=3"])
+    assert apply_overrides(TrainConfig(), ["compile=true", "zero_stage=2"]).compile
