@@ -9,6 +9,7 @@ variables; a bare ``python`` has none. :func:`launcher_env` maps each onto the t
 
 from __future__ import annotations
 
+import datetime
 import gc
 import hashlib
 import logging
@@ -98,21 +99,29 @@ def export(env: DistEnv) -> None:
     os.environ.update(env.as_environ())
 
 
-def init(argv: Sequence[str] = (), backend: str | None = None, use_deepspeed: bool = False) -> DistEnv:
-    """Normalise the environment and join the process group (gloo on CPU, nccl on GPU).
-    A single process joins a group of one too, so collectives work everywhere."""
+# Minutes a collective waits before the group aborts (DeepSpeed's default is 10, NCCL's 10 or
+# 30 by torch version): long enough for any phase that one rank runs while the others wait.
+DEFAULT_TIMEOUT_MIN = 60.0
+
+
+def init(argv: Sequence[str] = (), backend: str | None = None, use_deepspeed: bool = False,
+         timeout_min: float = DEFAULT_TIMEOUT_MIN) -> DistEnv:
+    """Normalise the environment and join the process group (gloo on CPU, nccl on GPU), with
+    ``timeout_min`` for every collective. A single process joins a group of one too, so
+    collectives work everywhere."""
     env = launcher_env(argv=argv)
     export(env)
     if torch.cuda.is_available():
         torch.cuda.set_device(local_gpu(env.local_rank, torch.cuda.device_count(), shown_one_each=not use_deepspeed))
     if not torch.distributed.is_initialized():
+        timeout = datetime.timedelta(minutes=timeout_min)
         if use_deepspeed:
             import deepspeed
 
-            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+            deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
         else:
             backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-            torch.distributed.init_process_group(backend, rank=env.rank, world_size=env.world_size)
+            torch.distributed.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
     return env
 
 
@@ -215,6 +224,25 @@ def load_everywhere(load: Callable[[], T], what: str) -> T:
     return value
 
 
+def load_on_main(load: Callable[[], T], what: str) -> T:
+    """Collective: ``load()`` on rank 0 alone, its result (picklable) on every rank; if it fails,
+    rank 0 raises its own error and every other rank a ConfigError saying so."""
+    value, failed = None, False
+    if is_main():
+        try:
+            value = load()
+        except Exception:
+            failed = True
+            from_main((None, True))  # the others learn of it first, then the error goes up here
+            raise
+    value, failed = from_main((value, failed))
+    if failed:
+        from mdt_ds.config import ConfigError
+
+        raise ConfigError(f"could not load {what}: it failed on rank 0 (see its log)")
+    return value
+
+
 def from_main(value: object) -> object:
     """Rank 0's ``value`` on every rank (every rank must call it): decisions that must not
     differ between ranks (which checkpoint to resume, whether the run directory is free) are
@@ -224,6 +252,21 @@ def from_main(value: object) -> object:
     box = [value if is_main() else None]
     torch.distributed.broadcast_object_list(box, src=0, device=_collective_device())
     return box[0]
+
+
+def gather_objects(value: object) -> list[object]:
+    """Every rank's ``value``, in rank order, on every rank (every rank must call it; small
+    picklable values: records, names)."""
+    if not torch.distributed.is_initialized() or world_size() == 1:
+        return [value]
+    out: list[object] = [None] * world_size()
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def usable_cpus() -> list[int]:
+    """The CPU cores this process may run on (its affinity: what Slurm's binding or taskset left it)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
 
 def mean_across_ranks(values: Mapping[str, float | torch.Tensor]) -> dict[str, float]:

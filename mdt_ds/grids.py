@@ -40,7 +40,7 @@ def sample_options(d: DiffusionConfig, steps: int, sampler: str | None = None, c
     return SampleOptions(
         cfg_scale=cfg_scale if cfg_scale is not None else max(d.cfg_scale, 1.0), cfg_pow=d.cfg_pow,
         guide_channels=d.guide_channels, sampler=sampler or d.sampler, steps=steps, spacing=d.sample_spacing,
-        cfg_interval=d.cfg_interval if cfg_interval is None else cfg_interval,
+        cfg_interval=d.cfg_interval if cfg_interval is None else cfg_interval, num_timesteps=d.num_timesteps,
     )
 
 
@@ -73,7 +73,7 @@ def sample_images(
     codec = codec_for_source(cfg.data.source, cfg.model.in_channels, device=device)
     with sampling_tf32(device):
         latents = generate(
-            model, options.diffusion(cfg.diffusion.num_timesteps), labels, seeds, cfg_scale=options.cfg_scale,
+            model, options.diffusion(), labels, seeds, cfg_scale=options.cfg_scale,
             cfg_pow=options.cfg_pow, guide_channels=options.guide_channels, sampler=options.sampler,
             cfg_interval=options.cfg_interval, clip_denoised=isinstance(codec, PixelCodec), device=device,
             stats=stats,

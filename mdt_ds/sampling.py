@@ -174,11 +174,11 @@ def generate(
         raise ValueError(f"{len(labels)} labels but {len(seeds)} seeds")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     shape = (len(seeds), model.in_channels, model.input_size, model.input_size)
-    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    noise = predraw_noise(seeds, 1 + noise_draws_per_run(sampler, eta, diffusion.num_timesteps), shape[1:], device)
+    drawn = iter(noise)
 
     def noise_fn(like: torch.Tensor) -> torch.Tensor:
-        noise = torch.stack([torch.randn(like.shape[1:], generator=g) for g in generators])
-        return noise.to(like.device, like.dtype)
+        return next(drawn).to(like.device, like.dtype, non_blocking=True)
 
     x = noise_fn(torch.empty(shape, device=device))
     steps = getattr(diffusion, "original_num_steps", diffusion.num_timesteps)
@@ -212,6 +212,26 @@ def generate(
     if stats is not None:
         stats["network_calls_per_image"] = denoiser.calls
     return x.float()
+
+
+def noise_draws_per_run(sampler: str, eta: float, steps: int) -> int:
+    """Noise tensors each image draws after its x_T: one per step for ancestral sampling (DDPM,
+    DDIM with eta > 0), none for deterministic DDIM and the ODE solvers."""
+    return steps if sampler == "ddpm" or (sampler == "ddim" and eta) else 0
+
+
+def predraw_noise(seeds: Sequence[int], draws: int, shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """``[draws, N, *shape]`` float32 noise on the host: image i's generator (CPU, seeded
+    ``seeds[i]``) draws its ``draws`` tensors in the order the sampler uses them (x_T first), the
+    same values one draw per step gives. Drawn before the first step into pinned memory when
+    sampling on CUDA, so each step's copy is asynchronous: drawn per step and copied from
+    pageable memory, every step waited for the host."""
+    out = torch.empty((draws, len(seeds), *shape), pin_memory=device.type == "cuda")
+    for i, seed in enumerate(seeds):
+        generator = torch.Generator().manual_seed(int(seed))
+        for k in range(draws):
+            torch.randn(tuple(shape), generator=generator, out=out[k, i])
+    return out
 
 
 # --------------------------------------------------------------------------- pixels
@@ -278,35 +298,37 @@ class SampleOptions:
     autocast: str = "none"  # "none", "bf16", "fp16"
     spacing: str = "auto"
     cfg_interval: tuple[int, int] | None = None
+    num_timesteps: int = 1000  # the diffusion the model was trained on (diffusion.num_timesteps)
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.spacing not in SPACINGS:
             raise ValueError(f"spacing must be one of {SPACINGS}, got {self.spacing!r}")
-        object.__setattr__(self, "cfg_interval", check_interval(self.cfg_interval))
+        object.__setattr__(self, "cfg_interval", check_interval(self.cfg_interval, self.num_timesteps))
 
-    def respacing(self, num_timesteps: int = 1000) -> list[int]:
+    def respacing(self) -> list[int]:
         """The kept (original) timesteps, ascending."""
         from mdt_ds.diffusion import linear_beta_schedule, space_timesteps
         from mdt_ds.diffusion.respace import logsnr_timesteps
 
+        total = self.num_timesteps
         spacing = AUTO_SPACING[self.sampler] if self.spacing == "auto" else self.spacing
         if spacing == "ddim":
-            return space_timesteps(num_timesteps, f"ddim{self.steps}")
+            return space_timesteps(total, f"ddim{self.steps}")
         if spacing == "logsnr":
-            return logsnr_timesteps(torch.cumprod(1 - linear_beta_schedule(num_timesteps), 0), self.steps)
-        return space_timesteps(num_timesteps, str(self.steps))
+            return logsnr_timesteps(torch.cumprod(1 - linear_beta_schedule(total), 0), self.steps)
+        return space_timesteps(total, str(self.steps))
 
-    def diffusion(self, num_timesteps: int = 1000):
+    def diffusion(self):
         """The respaced diffusion ``generate`` runs on."""
         from mdt_ds.diffusion import SpacedDiffusion, linear_beta_schedule
 
-        return SpacedDiffusion(linear_beta_schedule(num_timesteps), self.respacing(num_timesteps))
+        return SpacedDiffusion(linear_beta_schedule(self.num_timesteps), self.respacing())
 
-    def network_calls(self, num_timesteps: int = 1000) -> int:
+    def network_calls(self) -> int:
         """Network evaluations per image (a guided step costs two), known before sampling."""
-        kept = self.respacing(num_timesteps)
+        kept = self.respacing()
         plan = evaluation_plan(self.sampler, len(kept)) if self.sampler in ODE_SOLVERS else range(len(kept))
         return sum(2 if guided_at(kept[i], self.cfg_scale, self.cfg_interval) else 1 for i in plan)
 
@@ -318,6 +340,8 @@ class SampleOptions:
         # Written only when set: settings recorded before these options existed still match.
         if out["spacing"] == "auto":
             del out["spacing"]
+        if out["num_timesteps"] == 1000:
+            del out["num_timesteps"]
         if out["cfg_interval"] is None:
             del out["cfg_interval"]
         else:

@@ -94,7 +94,7 @@ def train(cfg: TrainConfig) -> dict:
         from mdt_ds.rundir import lock_run_dir
         from mdt_ds.trainer import Trainer
 
-        env = dist.init(argv=sys.argv, use_deepspeed=True)
+        env = dist.init(argv=sys.argv, use_deepspeed=True, timeout_min=cfg.comm.timeout_min)
         setup_logging(env.rank)
         cfg = fit_model_to_data(cfg)  # before anything is built; config.json keeps the resolved values
         lock = lock_run_dir(Path(cfg.run_dir).resolve())

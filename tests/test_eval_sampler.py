@@ -57,6 +57,36 @@ def test_images_do_not_depend_on_batch_composition() -> None:
     torch.testing.assert_close(together, again, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("sampler, draws", [("ddpm", 1 + 6), ("ddim", 1)])
+def test_every_noise_draw_happens_before_the_first_step(sampler: str, draws: int) -> None:
+    """The sampler draws each image's noise for the whole run up front (into pinned memory on
+    CUDA, then one asynchronous copy per step), not per step from pageable memory: by the first
+    network call every draw is done, and the images are those of one draw per step (the release
+    contract test above checks the values)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NormalDraws(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            self.count += func.overloadpacket.__name__ in ("normal", "normal_", "randn")
+            return func(*args, **(kwargs or {}))
+
+    model, seen_at_calls = tiny_model(), []
+    forward = model.forward
+
+    def counting_forward(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        seen_at_calls.append(spy.count)
+        return forward(*args, **kwargs)
+
+    model.forward = counting_forward
+    with NormalDraws() as spy:
+        generate(model, create_diffusion("6"), torch.tensor([1, 2, 3]), [5, 6, 7], sampler=sampler)
+    assert len(seen_at_calls) == 6 and set(seen_at_calls) == {3 * draws} and spy.count == 3 * draws
+
+
 def test_cfg_follows_the_release_contract() -> None:
     """The release samples a doubled batch [z; z] with labels [y; null] through forward_with_cfg
     and keeps the first half: our N-image loop gives exactly those images."""

@@ -46,6 +46,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=int, default=64, help="Inception batch per rank (ADM: 64)")
     parser.add_argument("--device", default="auto", help="'auto' (this rank's GPU, else CPU), 'cpu', 'cuda'")
+    parser.add_argument("--timeout-min", type=float, default=dist.DEFAULT_TIMEOUT_MIN,
+                        help="minutes a collective may wait for the other ranks")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -113,11 +115,11 @@ def _device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
-def _setup() -> bool:
+def _setup(timeout_min: float) -> bool:
     """Join the process group when a launcher started several processes."""
     distributed = dist.launcher_env(argv=sys.argv).world_size > 1
     if distributed:
-        dist.init(sys.argv)
+        dist.init(sys.argv, timeout_min=timeout_min)
     if dist.rank() == 0:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     return distributed
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         command
     ]
     args = parser().parse_args(rest)
-    distributed = command != "show" and _setup()  # show reads one file on one process
+    distributed = command != "show" and _setup(args.timeout_min)  # show reads one file on one process
     finished = False
     try:
         code = runner(args)

@@ -18,12 +18,14 @@ with the codec it was trained on. ``--ckpt hf://OWNER/NAME/FILE`` reads the Hugg
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import re
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +35,15 @@ from mdt_ds import dist
 from mdt_ds.clihelp import HelpFormatter
 from mdt_ds.config import ConfigError, ModelConfig
 from mdt_ds.sampling import SAMPLERS, SPACINGS
-from mdt_ds.tools.sample_inputs import SampleError, choose_codec, load_model, load_state, model_config, run_config_file
+from mdt_ds.tools.sample_inputs import (
+    SampleError,
+    choose_codec,
+    load_model,
+    load_state,
+    model_config,
+    run_config_file,
+    trained_timesteps,
+)
 
 __all__ = ["SampleError", "load_model", "main", "model_config"]
 
@@ -347,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="discard earlier shards/output of other settings")
     p.add_argument("--device", default="auto", help="'auto' (this rank's GPU, else CPU), 'cpu', 'cuda'")
+    p.add_argument("--timeout-min", type=float, default=dist.DEFAULT_TIMEOUT_MIN,
+                   help="minutes a collective (the start, the final count) may wait for the other ranks")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -363,7 +375,7 @@ def _device(args: argparse.Namespace) -> torch.device:
     return device
 
 
-def _options(args: argparse.Namespace):
+def _options(args: argparse.Namespace, num_timesteps: int = 1000):
     from mdt_ds.sampling import SampleOptions
 
     return SampleOptions(
@@ -378,23 +390,14 @@ def _options(args: argparse.Namespace):
         labels=args.labels,
         rounding=args.rounding,
         autocast=args.autocast,
+        num_timesteps=num_timesteps,
     )
 
 
-def _finish_everywhere(args: argparse.Namespace, settings: dict, parts: Path, stats: dict) -> None:
-    """Rank 0 packs while the others wait; an error reaches every rank only after the barrier."""
-    error = None
-    if dist.rank() == 0:
-        try:
-            finish(args, settings, parts, stats)
-        except SampleError as err:
-            error = err
-    dist.barrier()
-    if error is not None:
-        raise error
-
-
-def sample_main(args: argparse.Namespace) -> int:
+def sample_main(args: argparse.Namespace) -> Callable[[], None] | None:
+    """Sample this rank's share. Returns, on rank 0 once every index exists, the pack of the
+    npz: run after the process group is left, so the other ranks need not wait in a collective
+    (whose timeout a 50K pack of large images can outlast) and end as soon as their shards are in."""
     from mdt_ds.models.codec import load_codec
     from mdt_ds.tools.convert_checkpoint import resolve_weights_path
 
@@ -403,15 +406,20 @@ def sample_main(args: argparse.Namespace) -> int:
     args.ckpt_file = resolve_weights_path(args.ckpt)
     state = load_state(args.ckpt_file)  # first: a bad file fails before anything is written
     cfg = model_config(args.model, args.config, args.ckpt_file, state, hub=hub)
-    args.vae = choose_codec(args.vae, run_config_file(args.model, args.config, args.ckpt_file, hub))
-    options = _options(args)
+    run_file = run_config_file(args.model, args.config, args.ckpt_file, hub)
+    args.vae = choose_codec(args.vae, run_file)
+    try:
+        options = _options(args, trained_timesteps(run_file))
+    except ValueError as err:  # e.g. --cfg-interval beyond a run trained on fewer timesteps
+        raise SampleError(f"{err} (the checkpoint's run has diffusion.num_timesteps="
+                          f"{trained_timesteps(run_file)})") from None
     args.output = args.output or default_output(args, cfg)
     parts = args.output.with_name(args.output.name + ".parts")
     settings = settings_of(args, cfg, options)
     chunks = prepare(args, settings, parts)
     if chunks is None:
         log.info("%s is complete (%d images); nothing to do", args.output, args.num_samples)
-        return 0
+        return None
     model = load_model(state, cfg, device)
     del state
     codec = load_codec(args.vae, device, channels=cfg.in_channels)
@@ -428,18 +436,16 @@ def sample_main(args: argparse.Namespace) -> int:
     counted: dict = {}
     made = run_chunks(args, model, options.diffusion(), codec, options, chunks, parts, device, counted)
     seconds = time.time() - start
-    totals = dist.mean_across_ranks({"made": made, "seconds": seconds})
-    dist.barrier()
+    totals = dist.mean_across_ranks({"made": made, "seconds": seconds})  # also: every rank's shards are in
     rate = totals["made"] * dist.world_size() / max(totals["seconds"], 1e-9)
     log.info("made %d images in %.1f s (%.2f images/s over all ranks)", made * dist.world_size(), seconds, rate)
     if args.max_batches is not None and len(chunks) > args.max_batches * dist.world_size():
         log.info("stopped after --max-batches %d; rerun the same command to continue", args.max_batches)
-        return 0
+        return None
     stats = {"world_size": dist.world_size(), "images_per_second": rate, "last_run_seconds": seconds,
              # as counted while sampling (planned, where this rank made no batch in this launch)
              "network_calls_per_image": counted.get("network_calls_per_image", options.network_calls())}
-    _finish_everywhere(args, settings, parts, stats)
-    return 0
+    return functools.partial(finish, args, settings, parts, stats) if dist.rank() == 0 else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -453,26 +459,36 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(err))
     distributed = dist.launcher_env(argv=sys.argv).world_size > 1
     if distributed:
-        dist.init(sys.argv)
+        dist.init(sys.argv, timeout_min=args.timeout_min)
     if dist.rank() == 0:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from mdt_ds.models.codec import CodecError
     from mdt_ds.safe_load import UnsafeCheckpointError
 
-    finished = False
+    user_errors = (SampleError, ConfigError, CodecError, UnsafeCheckpointError, FileNotFoundError)
+    finished, code, pack = False, 2, None
     try:
-        code = sample_main(args)
-        finished = True
-    except (SampleError, ConfigError, CodecError, UnsafeCheckpointError, FileNotFoundError) as err:
-        # One line, as argparse's own errors: the message names the file and the fix.
-        print(f"mdt-sample: error: {' '.join(str(err).split())}", file=sys.stderr)
-        code = 2
+        pack = sample_main(args)
+        finished, code = True, 0
+    except user_errors as err:
+        _report(err)
     finally:
         if distributed:
             dist.teardown(synchronise=finished)
+    if pack is not None:  # rank 0 alone, outside the group: no collective is left to time out
+        try:
+            pack()
+        except SampleError as err:
+            _report(err)
+            code = 2
     if distributed:
         dist.exit_launched_rank(code)
     return code
+
+
+def _report(err: Exception) -> None:
+    """One line, as argparse's own errors: the message names the file and the fix."""
+    print(f"mdt-sample: error: {' '.join(str(err).split())}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -131,6 +131,18 @@ def model_config(
 
 
 # --------------------------------------------------------------------------- codec
+def trained_timesteps(run_file: Path | None) -> int:
+    """The run's ``diffusion.num_timesteps`` (what its timesteps and guidance schedule mean), or
+    the release's 1000 for official checkpoints."""
+    if run_file is None:
+        return 1000
+    section = _read_json(run_file).get("diffusion")
+    value = section.get("num_timesteps", 1000) if isinstance(section, dict) else 1000
+    if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+        raise SampleError(f"{run_file}: diffusion.num_timesteps must be an integer >= 2, got {value!r}")
+    return value
+
+
 def _codec_key(name: str) -> str:
     from mdt_ds.models.codec import SD_VAE_IDS
 
