@@ -3,7 +3,8 @@
 Layout of a run directory::
 
     checkpoints/step_0005000/       DeepSpeed state (model, optimizer, LR schedule) + per-rank EMA
-                 universal/          the same state in a world-size-independent form (elastic resume)
+                 universal/          the same state in a world-size-independent form (elastic resume):
+                                     every universal_every-th checkpoint, and those of a stop and the end
                  meta.json           written last: step, layout, data position; its presence = complete
     snapshots/ema_0005000.pt         EMA weights, raw state_dict with the official key names
     snapshots/config.json
@@ -64,15 +65,6 @@ def find_latest(run_dir: Path) -> Path | None:
     return max(done, key=step_of, default=None)
 
 
-def agreed_latest(run_dir: Path) -> Path | None:
-    """Collective: rank 0's :func:`find_latest`, the same on every rank. Ranks that each read
-    the disk can disagree (a second job publishing meanwhile, a slow shared filesystem), and
-    then wait in different collectives until the timeout."""
-    latest = find_latest(run_dir) if dist.is_main() else None
-    name = dist.from_main(None if latest is None else latest.name)
-    return None if name is None else checkpoint_root(run_dir) / str(name)
-
-
 def remove_stale(run_dir: Path) -> list[str]:
     """Rank 0, at start-up (under the run lock): ``.tmp`` leftovers of crashed saves."""
     stale = [p for d in (checkpoint_root(run_dir), run_dir / "snapshots") if d.is_dir() for p in d.iterdir()
@@ -98,12 +90,23 @@ def free_bytes(path: Path) -> int:
 def estimate_bytes(num_params: int, precision: str, optimizer: str) -> dict[str, int]:
     """What one checkpoint and one snapshot take before the first one is measured: module
     weights, fp32 master, optimizer moments (Adan 4, AdamW 2 per parameter) and EMA in DeepSpeed's
-    files and the EMA shards, and the fp32 master, moments and EMA again in the universal form."""
-    low = 4 if precision == "fp32" else 2
+    files and the EMA shards ("checkpoint"), and the fp32 master, moments and EMA again in the
+    universal form ("universal", written into some checkpoints only)."""
+    low = 2 if precision in ("bf16", "fp16") else 4  # bf16-amp keeps fp32 parameters
     moments = 4 if optimizer == "adan" else 2
-    deepspeed_state = num_params * (low + 4 + 4 * moments + 4)
-    universal = num_params * 4 * (moments + 2)
-    return {"checkpoint": deepspeed_state + universal, "snapshot": num_params * 4}
+    return {"checkpoint": num_params * (low + 4 + 4 * moments + 4), "universal": num_params * 4 * (moments + 2),
+            "snapshot": num_params * 4}
+
+
+def has_universal(path: Path) -> bool:
+    """Whether checkpoint ``path`` holds the world-size-independent form (its index is written last)."""
+    return (path / "universal" / "index.json").is_file()
+
+
+def measured_bytes(path: Path) -> dict[str, int]:
+    """A written checkpoint's size, its universal form apart."""
+    universal = tree_bytes(path / "universal") if has_universal(path) else 0
+    return {"checkpoint": tree_bytes(path) - universal, **({"universal": universal} if universal else {})}
 
 
 def check_free_space(run_dir: Path, need: int) -> None:
@@ -208,9 +211,11 @@ def save_training_state(
     keep: int = 3,
     meta: dict | None = None,
     before_publish: Callable[[], None] | None = None,
+    universal: bool = True,
 ) -> Path:
     """Collective: every rank calls it. Returns the published checkpoint directory. ``meta``
-    joins ``meta.json``; ``before_publish`` (every rank) runs once all writes have succeeded.
+    joins ``meta.json``; ``before_publish`` (every rank) runs once all writes have succeeded;
+    ``universal`` adds the world-size-independent form (the fp32 master, moments and EMA again).
     A write error on any rank (or in ``before_publish``) raises CheckpointError on every rank:
     each rank's writes are kept apart from the collectives, so all ranks always run the same
     collectives in the same order."""
@@ -231,12 +236,14 @@ def save_training_state(
         if kept:
             raise kept[0]
         torch.save(ema.state_dict(), tmp / f"ema_rank{dist.rank():05d}.pt")
-        mine = write_fragments(engine, ema, tmp)
+        if universal:
+            mine = write_fragments(engine, ema, tmp)
     except (OSError, RuntimeError) as err:
         error = err
     _agree_on(error, tmp)
     try:
-        write_index(engine, tmp, mine)  # its gather first, then rank 0's index.json
+        if universal:
+            write_index(engine, tmp, mine)  # its gather first, then rank 0's index.json
         _fsync_own_files(tmp, dist.rank())
         if before_publish is not None:
             before_publish()
@@ -247,7 +254,8 @@ def save_training_state(
     if dist.is_main():
         try:
             _publish(tmp, final, {"step": step, "world_size": dist.world_size(),
-                                  "zero_stage": engine.zero_optimization_stage(), "universal": True, **(meta or {})})
+                                  "zero_stage": engine.zero_optimization_stage(), "universal": universal,
+                                  **(meta or {})})
         except OSError as err:
             error = err
     _agree_on(error, tmp)  # also the barrier: no rank goes on before the checkpoint is published
@@ -270,9 +278,13 @@ def _publish(tmp: Path, final: Path, record: dict) -> None:
 
 
 def prune(root: Path, keep: int) -> list[str]:
-    """Delete all but the ``keep`` newest complete checkpoints (0: keep all)."""
+    """Delete all but the ``keep`` newest complete checkpoints (0: keep all), and never the
+    newest one with the universal form while no kept one has it: it is what a resume on another
+    number of GPUs falls back to."""
     done = sorted((p for p in root.iterdir() if STEP_DIR.match(p.name)), key=step_of)
     old = done[:-keep] if keep > 0 else []
+    if not any(has_universal(p) for p in done[len(old):]):
+        old = [p for p in old if p != next((q for q in reversed(old) if has_universal(q)), None)]
     for path in old:
         shutil.rmtree(path, ignore_errors=True)
     return [p.name for p in old]
@@ -286,18 +298,44 @@ def layout_changed(meta: dict, world_size: int, zero_stage: int) -> bool:
     return meta["world_size"] != world_size or meta.get("zero_stage", zero_stage) != zero_stage
 
 
-def check_resumable(path: Path, world_size: int, zero_stage: int) -> dict:
-    """A checkpoint of another layout (world size, ZeRO stage) resumes through its universal
-    form; one written before that form existed is refused before any compute, with the way out."""
-    meta = read_meta(path)
-    if layout_changed(meta, world_size, zero_stage) and not (path / "universal").is_dir():
+def resume_point(run_dir: Path, world_size: int, zero_stage: int) -> Path | None:
+    """The checkpoint to resume: the newest complete one, unless the layout (world size, ZeRO
+    stage) changed and it lacks the universal form; then the newest one that has it, with a
+    warning that names the steps given up and how to keep them. None: a new run."""
+    latest = find_latest(run_dir)
+    if latest is None:
+        return None
+    meta = read_meta(latest)
+    if not layout_changed(meta, world_size, zero_stage) or has_universal(latest):
+        return latest
+    root = checkpoint_root(run_dir)
+    older = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "meta.json").is_file() and has_universal(p)]
+    fallback = max(older, key=step_of, default=None)
+    keep_them = f"resume with {meta['world_size']} processes and zero_stage={meta.get('zero_stage')} instead"
+    if fallback is None:
         raise ResumeError(
-            f"{path} was written by {meta['world_size']} processes with ZeRO stage {meta.get('zero_stage')}, this "
-            f"run has {world_size} with stage {zero_stage}, and the checkpoint predates the world-size-independent "
-            f"form. Resume with the old layout, or start a new run from the weights: `python -m "
-            f"mdt_ds.tools.convert_checkpoint {path} OUT.pt` then init_from=OUT.pt (optimizer state restarts)."
+            f"{latest} was written by {meta['world_size']} processes with ZeRO stage {meta.get('zero_stage')}, this "
+            f"run has {world_size} with stage {zero_stage}, and no checkpoint of the run holds the "
+            f"world-size-independent form: {keep_them}, or start a new run from the weights: `python -m "
+            f"mdt_ds.tools.convert_checkpoint {latest} OUT.pt` then init_from=OUT.pt (optimizer state restarts)."
         )
-    return meta
+    log.warning("resuming from %s, the newest checkpoint with the world-size-independent form: %s (step %d) has "
+                "only its %d-process ZeRO-%s layout. To keep its %d steps, %s.", fallback.name, latest.name,
+                step_of(latest), meta["world_size"], meta.get("zero_stage"), step_of(latest) - step_of(fallback),
+                keep_them)
+    return fallback
+
+
+def agreed_resume_point(run_dir: Path, world_size: int, zero_stage: int) -> Path | None:
+    """Collective: rank 0's :func:`resume_point`, the same on every rank. Ranks that each read
+    the disk can disagree (a second job publishing meanwhile, a slow shared filesystem), and
+    then wait in different collectives until the timeout."""
+    name = dist.load_on_main(lambda: _name_of(resume_point(run_dir, world_size, zero_stage)), "the checkpoint to resume")
+    return None if name is None else checkpoint_root(run_dir) / name
+
+
+def _name_of(path: Path | None) -> str | None:
+    return None if path is None else path.name
 
 
 def _own_files(folder: Path, rank: int) -> list[Path]:

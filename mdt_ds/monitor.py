@@ -3,10 +3,12 @@ scalars and sample grids, and ``stats.jsonl`` (one JSON line per logged step).""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +95,41 @@ class Monitor:
         self.bar.close()
         self.writer.close()
         self.stats.close()
+
+
+class StepClock:
+    """Seconds per training step over a logging window, without the phases that run between
+    steps (checkpoints, EMA snapshots, grids, the in-training FID): counted in, their time would
+    land in the next window and img/s and MFU would dip after each of them. On a GPU the device
+    is synchronised at a phase's edges, so the phase is charged its own time, not the queued
+    kernels of the step before it (the phase waits for them anyway)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.steps, self.excluded_s = time.perf_counter(), 0, 0.0
+
+    def tick(self) -> None:
+        self.steps += 1
+
+    def per_step(self) -> float:
+        return (time.perf_counter() - self.start - self.excluded_s) / max(1, self.steps)
+
+    @contextlib.contextmanager
+    def excluded(self) -> Iterator[None]:
+        self._sync()
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.excluded_s += time.perf_counter() - began
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
 
 CPU_PEAK_BUDGET_S = 0.5  # a training run's start may not wait longer for its MFU denominator

@@ -85,3 +85,24 @@ def lock_run_dir(run_dir: Path) -> RunLock:
     if busy:
         raise RunDirBusy(busy)
     return lock
+
+
+def record_launch(run_dir: Path, env: dist.DistEnv, start_step: int) -> list[dict]:
+    """Collective: who and where every rank is, and the CPU cores it may use, appended to
+    ``run_dir/launch.jsonl`` by rank 0 alone (ranks appending to one file on a shared filesystem
+    interleave their lines). A rank with one core under Slurm usually means srun was not given
+    ``--cpus-per-task`` (it is not inherited from sbatch since Slurm 22.05)."""
+    cpus = dist.usable_cpus()
+    mine = {
+        "rank": env.rank, "world_size": env.world_size, "local_rank": env.local_rank, "host": socket.gethostname(),
+        "launcher": env.launcher, "slurm_nodeid": os.environ.get("SLURM_NODEID"),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"),
+        "start_step": start_step, "time": time.time(), "cpus": len(cpus), "cpu_list": cpus,
+    }
+    log.warning("rank %d/%d on %s (node %s) starts at step %d with %d CPU core(s)", env.rank, env.world_size,
+                mine["host"], mine["slurm_nodeid"], start_step, len(cpus))
+    records = dist.gather_objects(mine)
+    if dist.is_main():
+        with open(run_dir / "launch.jsonl", "a") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in records))
+    return records

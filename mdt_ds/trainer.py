@@ -3,12 +3,9 @@ checkpoints, logging, guards and the graceful stop on preemption signals."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import random
-import socket
 import time
 from pathlib import Path
 
@@ -18,41 +15,29 @@ from mdt_ds import dist
 from mdt_ds.checkpoint import (
     CheckpointError,
     GiB,
-    agreed_latest,
+    agreed_resume_point,
     check_free_space,
-    check_resumable,
     estimate_bytes,
     free_bytes,
+    has_universal,
     load_training_state,
+    measured_bytes,
+    read_meta,
     save_ema_snapshot,
     save_training_state,
     snapshot_suffixes,
-    tree_bytes,
 )
 from mdt_ds.config import TrainConfig, resolve_batch
 from mdt_ds.diffusion import create_diffusion
 from mdt_ds.diffusion.loss import MDTv2Loss
 from mdt_ds.ema import ShardedEMA
-from mdt_ds.engine import PRECISION_DTYPES, build_engine
+from mdt_ds.engine import COMPUTE_DTYPES, PRECISION_DTYPES, build_engine
 from mdt_ds.models.flops import train_macs_per_image
-from mdt_ds.monitor import Monitor, measure_peak_flops, memory_gb
+from mdt_ds.monitor import Monitor, StepClock, measure_peak_flops, memory_gb
 from mdt_ds.preemption import StopFlag
+from mdt_ds.rundir import record_launch
 
 log = logging.getLogger("mdt_ds.train")
-
-
-def record_launch(run_dir: Path, env: dist.DistEnv, start_step: int) -> None:
-    """Every rank appends who and where it is (read by the Slurm tests and by people debugging)."""
-    line = {
-        "rank": env.rank, "world_size": env.world_size, "local_rank": env.local_rank, "host": socket.gethostname(),
-        "launcher": env.launcher, "slurm_nodeid": os.environ.get("SLURM_NODEID"),
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "slurm_restart_count": os.environ.get("SLURM_RESTART_COUNT"), "start_step": start_step, "time": time.time(),
-    }
-    with open(run_dir / "launch.jsonl", "a") as f:
-        f.write(json.dumps(line) + "\n")
-    log.warning("rank %d/%d on %s (node %s) starts at step %d", env.rank, env.world_size, line["host"],
-                line["slurm_nodeid"], start_step)
 
 
 class TrainingDiverged(RuntimeError):
@@ -70,6 +55,10 @@ def summary_interval(log_every: int, steps: int) -> int:
     return log_every * max(1, min(10, steps // (10 * log_every)))
 
 
+def _nth(every: int) -> str:
+    return "checkpoint of a stop and the end" if not every else "checkpoint" if every == 1 else f"{every}th checkpoint"
+
+
 # "No non-finite step yet" for the device-side record of the first bad step.
 NO_BAD_STEP = 2**62
 
@@ -78,15 +67,17 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, env: dist.DistEnv, run_dir: Path, stop: StopFlag):
         self.cfg, self.env, self.run_dir, self.stop = cfg, env, run_dir, stop
         self.micro, self.accum = resolve_batch(cfg, env.world_size)
-        self.latest = agreed_latest(run_dir)  # one decision, rank 0's, for every rank
+        # One decision, rank 0's, for every rank (a new layout falls back to a universal checkpoint).
+        self.latest = agreed_resume_point(run_dir, env.world_size, cfg.zero_stage)
         self.engine, _ = build_engine(cfg, env.world_size, run_dir, init_state=self._init_state())
         self.device = self.engine.device
-        self.dtype = PRECISION_DTYPES[cfg.precision]
+        self.dtype = PRECISION_DTYPES[cfg.precision]  # of the module's parameters and inputs
         self.ema = ShardedEMA(self.engine, cfg.ema_decay, cfg.ema_warmup)
         self.resume_meta: dict = {}  # the resumed checkpoint's meta.json
         self.step = self._resume_or_init()
         record_launch(run_dir, env, self.step)
-        diffusion = create_diffusion(min_snr_gamma=cfg.diffusion.min_snr_gamma).to(self.device)
+        diffusion = create_diffusion(diffusion_steps=cfg.diffusion.num_timesteps,
+                                     min_snr_gamma=cfg.diffusion.min_snr_gamma).to(self.device)
         self.objective = MDTv2Loss(diffusion, mask_ratio=cfg.model.mask_ratio)
         self.loader = self._build_loader(self.step * self.accum)
         self.batches = iter(self.loader)
@@ -112,7 +103,7 @@ class Trainer:
         self._flags: tuple[bool, bool] | None = None  # (signal, budget) agreed at this step
         self._ema_gathered: tuple[int, dict[str, torch.Tensor]] | None = None
         self.started = time.time()
-        self._window = (time.perf_counter(), 0)
+        self.clock = StepClock(self.device)
         self.last_scalars: dict[str, float] = {}
 
     # ---------------------------------------------------------------- setup
@@ -122,11 +113,12 @@ class Trainer:
         is logged beside it: a launch-bound 1024^3 matmul under-reads an H100 3-5x."""
         from mdt_ds.monitor import device_peak_flops
 
-        measured = measure_peak_flops(self.device, self.dtype)
+        compute = COMPUTE_DTYPES[self.cfg.precision]  # bf16-amp's matmuls run in bf16
+        measured = measure_peak_flops(self.device, compute)
         if self.cfg.peak_tflops:
             peak, source = self.cfg.peak_tflops * 1e12, "peak_tflops from the config"
         else:
-            peak, source = device_peak_flops(self.device, self.dtype, measured)  # no second timing
+            peak, source = device_peak_flops(self.device, compute, measured)  # no second timing
         log.info("MFU peak %.4g TFLOP/s (%s); measured matmul peak %.4g TFLOP/s", peak / 1e12, source,
                  measured / 1e12)
         self.measured_peak_flops = measured
@@ -148,33 +140,30 @@ class Trainer:
             if self.cfg.init_from:
                 log.info("initialised weights from %s (fp32 master and EMA start from them)", self.cfg.init_from)
             return 0
-        self.resume_meta = check_resumable(latest, self.env.world_size, self.cfg.zero_stage)
+        self.resume_meta = read_meta(latest)
         step = load_training_state(self.engine, self.ema, latest)
         log.info("resumed from %s at step %d", latest, step)
         return step
 
     def _build_loader(self, start_micro_step: int):
-        from mdt_ds.data.loader import build_loader
-        from mdt_ds.data.shards import ShardError
+        from mdt_ds.data.loader import build_loader, check_shards
 
         data = self.cfg.data
         # The data position the resumed checkpoint saved: in split (epoch) mode a new layout
         # finishes the epoch over the samples the old one had not seen (mdt_ds.data.position).
         saved = self.resume_meta.get("data_position")
+        what = f"the training data {data.source}"
+        # Rank 0 opens and checks every shard once; every rank splits the list it found (so
+        # skip_corrupt can never give one node another split than the others).
+        checked = dist.load_on_main(lambda: check_shards(data.source, data.skip_corrupt), what)
         loader = dist.load_everywhere(lambda: build_loader(
             data.source, batch_size=self.micro, seed=self.cfg.seed, rank=self.env.rank,
             world_size=self.env.world_size, num_workers=data.num_workers, shuffle_buffer=data.shuffle_buffer,
             resampled=data.resampled, start_step=start_micro_step, skip_corrupt=data.skip_corrupt,
             # Pinned batches make the non_blocking copy below asynchronous; on a CPU-only
             # machine pinning only warns, so only for CUDA.
-            pin_memory=self.device.type == "cuda", resume_from=saved,
-        ), f"the training data {data.source}")
-        # Every rank must split the same shard list: with skip_corrupt, a shard that one node
-        # failed to read (a transient error) would silently change that rank's split only.
-        shards = list(loader.stream.spec.shards)
-        if dist.any_rank(dist.from_main(shards) != shards):
-            raise ShardError(f"{data.source}: the ranks found different usable shards (data.skip_corrupt dropped "
-                             "different ones): check the shards (mdt-extract-latents --verify) and rerun")
+            pin_memory=self.device.type == "cuda", resume_from=saved, checked=checked,
+        ), what)
         if saved is not None and saved["world_size"] != self.env.world_size:
             log.info("data: continuing at global sample %d (saved by %d processes, now %d; %s mode)",
                      saved["samples"], saved["world_size"], self.env.world_size, saved["mode"])
@@ -296,12 +285,11 @@ class Trainer:
         self._flags = None
         terms = self.train_step()
         self.step += 1
-        start, steps = self._window
-        self._window = (start, steps + 1)
+        self.clock.tick()
         self.monitor.advance()
         if terms is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
-            self.last_scalars = self._log(terms, (time.perf_counter() - start) / (steps + 1))
-            self._window = (time.perf_counter(), 0)
+            self.last_scalars = self._log(terms, self.clock.per_step())
+            self.clock.restart()
         return self._stop_requested()
 
     def run(self) -> dict:
@@ -316,24 +304,17 @@ class Trainer:
                     "already_done": True, "zero_stage": self.engine.zero_optimization_stage(),
                     "world_size": self.env.world_size}
         preempted, stop = False, ""
-        self._window = (time.perf_counter(), 0)
+        self.clock.restart()
         while self.step < cfg.steps:
             stop = self.one_step()
             if stop:
                 preempted = stop == "signal"
                 break
-            snapshot_due = bool(self.snapshot_every) and self.step % self.snapshot_every == 0
-            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
-                self.save(snapshot=snapshot_due)
-            elif snapshot_due and self.step < cfg.steps:
-                self.snapshot()
-            if cfg.sample_every and self.step % cfg.sample_every == 0:
-                self.sample_grid()
-            if cfg.fid_every and self.step % cfg.fid_every == 0:
-                self.evaluate_fid()
+            with self.clock.excluded():  # not training time: img/s and MFU leave it out
+                self._between_steps()
         # A preempted run resumes soon: its checkpoint carries the EMA, and an off-schedule
         # snapshot would push a scheduled one out of keep_snapshots.
-        self.save(snapshot=not preempted)
+        self.save(snapshot=not preempted, final=True)
         if not preempted and cfg.sample_every and self.step % cfg.sample_every:
             self.sample_grid()
         self.monitor.text(self.final_summary("preempted" if preempted else stop or ""))
@@ -346,6 +327,19 @@ class Trainer:
             "loss": self.last_scalars.get("loss"), "zero_stage": self.engine.zero_optimization_stage(),
             "world_size": self.env.world_size,
         }
+
+    def _between_steps(self) -> None:
+        """The checkpoint, EMA snapshot, grid and FID evaluation due after this step."""
+        cfg = self.cfg
+        snapshot_due = bool(self.snapshot_every) and self.step % self.snapshot_every == 0
+        if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
+            self.save(snapshot=snapshot_due)
+        elif snapshot_due and self.step < cfg.steps:
+            self.snapshot()
+        if cfg.sample_every and self.step % cfg.sample_every == 0:
+            self.sample_grid()
+        if cfg.fid_every and self.step % cfg.fid_every == 0:
+            self.evaluate_fid()
 
     def final_summary(self, stop: str = "") -> str:
         """What a person wants at the end of a run: where it stands, why it stopped ("preempted",
@@ -404,13 +398,16 @@ class Trainer:
         sizes = estimate_bytes(num_params, cfg.precision, cfg.optim.name)
         source = "estimated"
         if self.latest is not None and dist.is_main():
-            sizes["checkpoint"], source = tree_bytes(self.latest), f"measured on {self.latest.name}"
-        kept = sizes["checkpoint"] * (cfg.keep_ckpts or max(1, cfg.steps // max(1, cfg.ckpt_every or cfg.steps)))
+            sizes.update(measured_bytes(self.latest))
+            source = f"measured on {self.latest.name}"
+        count = cfg.keep_ckpts or max(1, cfg.steps // max(1, cfg.ckpt_every or cfg.steps))
+        kept = sizes["checkpoint"] * count + sizes["universal"] * max(1, count // max(1, cfg.universal_every))
         snaps = sizes["snapshot"] * len(snapshot_suffixes(cfg.snapshot_format))
         kept_snaps = snaps * (cfg.keep_snapshots or max(1, cfg.steps // max(1, self.snapshot_every or cfg.steps)))
         log.info(
-            "disk: each checkpoint %.3g GiB (%s), each EMA snapshot %.3g GiB; kept: %s checkpoints + %s snapshots = "
-            "%.3g GiB; %.3g GiB free under %s", sizes["checkpoint"] / GiB, source, snaps / GiB,
+            "disk: each checkpoint %.3g GiB (%s), +%.3g GiB for the world-size-independent form in every %s, "
+            "each EMA snapshot %.3g GiB; kept: %s checkpoints + %s snapshots = about %.3g GiB; %.3g GiB free under %s",
+            sizes["checkpoint"] / GiB, source, sizes["universal"] / GiB, _nth(cfg.universal_every), snaps / GiB,
             cfg.keep_ckpts or "all", cfg.keep_snapshots or "all", (kept + kept_snaps) / GiB,
             free_bytes(self.run_dir) / GiB, self.run_dir,
         )
@@ -420,15 +417,21 @@ class Trainer:
     def snapshot_every(self) -> int:
         return self.cfg.snapshot_every or self.cfg.ckpt_every
 
-    def save(self, snapshot: bool = True) -> None:
+    def save(self, snapshot: bool = True, final: bool = False) -> None:
         """A checkpoint of this step (collective), and its EMA snapshot when one is due, written
         BEFORE the checkpoint is published: a crash right after publishing never leaves a
-        checkpoint without its snapshot."""
-        if self.last_ckpt is not None and self.last_ckpt.name == f"step_{self.step:07d}":
+        checkpoint without its snapshot. The world-size-independent form goes into every
+        ``universal_every``-th checkpoint and into a ``final`` one (a stop, the end)."""
+        cfg = self.cfg
+        scheduled = cfg.universal_every and cfg.ckpt_every and (self.step // cfg.ckpt_every) % cfg.universal_every == 0
+        universal = final or bool(scheduled)
+        if self.last_ckpt is not None and self.last_ckpt.name == f"step_{self.step:07d}" and (
+                not universal or has_universal(self.last_ckpt)):
             return
         if not self.check_each_step and self._checked_step != self.step:
             self._reduce()  # never publish a checkpoint of a diverged run: raises if a step was bad
-        check_free_space(self.run_dir, self.disk["checkpoint"] + (self.disk["snapshot"] if snapshot else 0))
+        need = self.disk["checkpoint"] + (self.disk["universal"] if universal else 0)
+        check_free_space(self.run_dir, need + (self.disk["snapshot"] if snapshot else 0))
         state = self._gathered_ema() if snapshot else None  # collective: before the save's own collectives
         written: list[str] = []
 
@@ -438,10 +441,10 @@ class Trainer:
 
         self.last_ckpt = save_training_state(
             self.engine, self.ema, self.run_dir, self.step, keep=self.cfg.keep_ckpts, before_publish=write_snapshot,
-            meta=self._checkpoint_meta(),
+            meta=self._checkpoint_meta(), universal=universal,
         )
         if dist.is_main():
-            self.disk["checkpoint"] = tree_bytes(self.last_ckpt)
+            self.disk.update(measured_bytes(self.last_ckpt))
             self.monitor.text(f"step {self.step}: checkpoint {self.last_ckpt.name}"
                               + (f", EMA snapshot {written[0]}" if written else ""))
 

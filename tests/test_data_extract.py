@@ -153,6 +153,21 @@ def test_defaults_are_an_fp32_vae_and_float16_moments(single: Path) -> None:
     assert extract_latents._load_codec(tiny, 0).vae.dtype == torch.bfloat16
 
 
+def test_each_rank_makes_its_gpu_the_current_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Local rank 1 encodes on cuda:1 and makes it the current device (else cuDNN workspaces and
+    caches of every rank land on cuda:0); with one GPU shown per task (srun --gpus-per-task) it
+    is cuda:0."""
+    set_to, loaded = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: set_to.append(str(device)))
+    monkeypatch.setattr(extract_latents, "load_codec", lambda name, device: loaded.append(str(device)) or object())
+    args = extract_latents.parse_args(["--input", "x", "--output", "y"])
+    for visible in (2, 1):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda visible=visible: visible)
+        extract_latents._load_codec(args, local_rank=1)
+    assert set_to == loaded == ["cuda:1", "cuda:0"]
+
+
 def test_moments_that_overflow_float16_are_refused_naming_the_image(
     folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:

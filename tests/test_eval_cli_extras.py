@@ -160,6 +160,7 @@ def test_a_downloaded_inception_file_appears_with_its_hash_already_beside_it(tmp
     too (it was written after the rename, so a rank could read it empty and crash)."""
     import io
     import os
+    import socket
     import urllib.request
 
     from mdt_ds.metrics import inception
@@ -178,7 +179,12 @@ def test_a_downloaded_inception_file_appears_with_its_hash_already_beside_it(tmp
             sidecar = dest.with_name(dest.name + ".sha256")
             seen.append(sidecar.read_text() if sidecar.exists() else "")
 
-    monkeypatch.setattr(inception.os, "replace", watched_replace)
+    def watched_replace_named(src, dst):
+        # Part files name host and pid: two hosts sharing the cache over NFS can share a pid.
+        assert Path(src).name.endswith(f".part.{socket.gethostname()}.{os.getpid()}"), src
+        watched_replace(src, dst)
+
+    monkeypatch.setattr(inception.os, "replace", watched_replace_named)
     assert inception.download_weights(dest) == dest and dest.read_bytes() == payload
     assert len(seen) == 1 and seen[0].split()[0] == hashlib.sha256(payload).hexdigest()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pt_inception.pth", "pt_inception.pth.sha256"]

@@ -99,14 +99,46 @@ def test_disk_and_extraction(capsys) -> None:
     report = run_json(capsys, *TINY, "--vae-imgs-per-s", "400")
     params = report["params"]
     disk = report["disk"]
-    # bf16 Adan: DeepSpeed 2 + 4 + 16 + 4 bytes, universal 4 x (4 + 2): 50 bytes per parameter
-    assert disk["checkpoint"] == 50 * params == estimate_bytes(params, "bf16", "adan")["checkpoint"]
+    # bf16 Adan: DeepSpeed 2 + 4 + 16 + 4 bytes; universal 4 x (4 + 2) in every 4th checkpoint only
+    assert disk["checkpoint"] == 26 * params == estimate_bytes(params, "bf16", "adan")["checkpoint"]
+    assert disk["universal"] == 24 * params == estimate_bytes(params, "bf16", "adan")["universal"]
     assert disk["snapshot"] == 4 * params
-    assert disk["kept_total"] == 3 * 50 * params + 10 * 4 * params  # keep_ckpts 3, keep_snapshots 10
+    # keep_ckpts 3 (one of them universal at most), keep_snapshots 10
+    assert disk["kept_total"] == 3 * 26 * params + 24 * params + 10 * 4 * params
+    every = run_json(capsys, *TINY, "--universal-every", "1", "--keep-ckpts", "5")["disk"]
+    assert every["kept_total"] == 5 * 50 * params + 10 * 4 * params
     assert run_json(capsys, *TINY, "--keep-ckpts", "0")["disk"]["kept_total"] is None
     ex = report["extraction"]
     assert ex["hours"] == pytest.approx(2 * 1_281_167 / 400 / 3600)  # image + flip, one GPU
     assert info.extraction(400, 2)["hours"] == pytest.approx(ex["hours"] / 2)
+
+
+def test_communication_worked_by_hand() -> None:
+    """ZeRO paper volumes, ring (N-1)/N: XL/2-size 675M parameters on 64 GPUs, bf16."""
+    psi, ring = 675_000_000, 63 / 64
+    z2 = info.communication(psi, 2, 64, 1, 2, 2, 50.0, 0.1)
+    assert z2["bytes_per_gpu"] == pytest.approx(ring * psi * (2 + 2))  # reduce-scatter + all-gather, bf16
+    assert z2["seconds"] == pytest.approx(z2["bytes_per_gpu"] / 50e9) and z2["comm_over_compute"] == pytest.approx(
+        z2["seconds"] / 0.1)
+    fp32_grads = info.communication(psi, 2, 64, 1, 4, 2, 50.0, 0.1)["bytes_per_gpu"]
+    assert fp32_grads == pytest.approx(1.5 * z2["bytes_per_gpu"])  # the fp32 reduction's price
+    assert info.communication(psi, 2, 64, 4, 2, 2, 50.0, 0.1)["bytes_per_gpu"] == pytest.approx(ring * psi * (8 + 2))
+    assert info.communication(psi, 1, 64, 4, 2, 2, 50.0, 0.1)["bytes_per_gpu"] == pytest.approx(ring * psi * (2 + 2))
+    assert info.communication(psi, 0, 64, 1, 2, 2, 50.0, 0.1)["bytes_per_gpu"] == pytest.approx(ring * psi * 4)
+    assert info.communication(psi, 3, 64, 1, 2, 2, 50.0, 0.1)["bytes_per_gpu"] == pytest.approx(ring * psi * 6)
+    assert info.communication(psi, 2, 1, 1, 2, 2, 50.0, 0.1)["bytes_per_gpu"] == 0
+    assert info.reduce_bytes("bf16", "auto") == info.reduce_bytes("bf16-amp", "auto") == 2
+    assert info.reduce_bytes("bf16", "fp32") == info.reduce_bytes("fp32", "auto") == 4
+
+
+def test_cli_prints_communication_beside_compute(capsys) -> None:
+    report = run_json(capsys, "--gpus", "64", "--micro-batch", "32", "--global-batch", "2048")
+    comm, sp = report["communication"], report["speed"]
+    assert comm["compute_seconds"] == pytest.approx(32 / sp["imgs_per_s_per_gpu"])
+    assert comm["bytes_per_gpu"] == pytest.approx(63 / 64 * report["params"] * 4)  # bf16 grads + bf16 weights
+    assert "assumed 50 GB/s per GPU" in comm["bandwidth_source"]
+    assert info.main(["--gpus", "64", "--micro-batch", "32", "--global-batch", "2048", "--bandwidth-gbs", "25"]) == 0
+    assert "at 25 GB/s (given (--bandwidth-gbs)) against" in capsys.readouterr().out
 
 
 def test_text_report(capsys) -> None:

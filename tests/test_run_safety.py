@@ -217,25 +217,34 @@ import mdt_ds.data.loader as loader_mod
 from mdt_ds.config import TrainConfig
 from mdt_ds.data.shards import ShardError
 
-def build_split(**shards_by_rank):
-    def build(*args, **kwargs):
-        if shards_by_rank[f"r{rank}"] is None:
+checks = []
+
+def check_fails(fails):
+    def check(source, skip_corrupt):
+        checks.append(rank)
+        if fails:
+            raise ShardError("/data/in256/shard-000002.tar: missing")
+        return (["a", "b"] if rank == 0 else ["a"]), []  # a check on rank 1 would find another list
+    return check
+
+def build_fails(fails):
+    def build(*args, checked, **kwargs):
+        if fails:
             raise ShardError("/data/in256/shard-000001.tar: truncated")
-        return types.SimpleNamespace(stream=types.SimpleNamespace(spec=types.SimpleNamespace(
-            shards=shards_by_rank[f"r{rank}"])))
+        return types.SimpleNamespace(checked=checked)
     return build
 
 me = types.SimpleNamespace(cfg=TrainConfig(), micro=2, env=types.SimpleNamespace(rank=rank, world_size=2),
                            device=torch.device("cpu"), resume_meta={})
-for name, split in (("same_split", build_split(r0=("a", "b"), r1=("a", "b"))),
-                    ("other_split", build_split(r0=("a", "b"), r1=("a",))),  # skip_corrupt dropped b on rank 1
-                    ("rank_1_data", build_split(r0=("a", "b"), r1=None))):
-    loader_mod.build_loader = split
+for name, check, build in (("checked_once", check_fails(False), build_fails(False)),
+                           ("rank_0_check", check_fails(rank == 0), build_fails(False)),
+                           ("rank_1_data", check_fails(False), build_fails(rank == 1))):
+    loader_mod.check_shards, loader_mod.build_loader = check, build
     try:
-        trainer.Trainer._build_loader(me, 0)
-        seen[name] = "built"
+        seen[name] = trainer.Trainer._build_loader(me, 0).checked
     except Exception as err:
         seen[name] = f"{type(err).__name__}: {err}"
+seen["checks"] = checks
 (run / f"rank{rank}.json").write_text(json.dumps(seen))
 dist.teardown(synchronise=True)
 """
@@ -247,7 +256,7 @@ def test_a_write_error_on_one_rank_stops_every_rank_without_a_hang(tmp_path: Pat
     that barrier and met its peer in another collective (a hang on NCCL). Now every rank raises
     CheckpointError with the reason, the last good checkpoint stays the latest, and saving goes
     on afterwards. A load that fails on one rank (the in-training FID's networks, the training
-    data) reaches both, and ranks that found different usable shards stop."""
+    data) reaches both, and only rank 0 opens the shards: every rank splits its list."""
     from mdt_ds.supervise import descendants
     from tests.conftest import REPO, subprocess_env, torchrun_command
 
@@ -286,10 +295,12 @@ def test_a_write_error_on_one_rank_stops_every_rank_without_a_hang(tmp_path: Pat
     # a load that fails on one rank (in-training FID's VAE and Inception): both ranks hear of it
     assert seen[1]["load"] == "FileNotFoundError: /cache/inception.pt is missing"  # its own error, as raised
     assert seen[0]["load"] == "ConfigError: could not load the Inception network: it failed on another rank (see its log)"
-    # the data: every rank must split the same shard list, and a rank's ShardError reaches all
-    assert seen[0]["same_split"] == seen[1]["same_split"] == "built"
-    for rank in seen:
-        assert rank["other_split"].startswith("ShardError:") and "different usable shards" in rank["other_split"]
+    # the data: rank 0 alone opens the shards, every rank splits its list, and a rank's ShardError reaches all
+    assert seen[0]["checked_once"] == seen[1]["checked_once"] == [["a", "b"], []]
+    assert seen[0]["checks"] == [0, 0, 0] and seen[1]["checks"] == []
+    assert seen[0]["rank_0_check"] == "ShardError: /data/in256/shard-000002.tar: missing"
+    assert seen[1]["rank_0_check"].startswith("ConfigError: could not load the training data") and "rank 0" in \
+        seen[1]["rank_0_check"]
     assert seen[1]["rank_1_data"] == "ShardError: /data/in256/shard-000001.tar: truncated"
     assert seen[0]["rank_1_data"].startswith("ConfigError: could not load the training data")
 
@@ -300,19 +311,57 @@ def test_every_rank_resumes_the_checkpoint_rank_0_chose(tmp_path: Path, monkeypa
     import mdt_ds.checkpoint as ckpt
 
     root = tmp_path / "checkpoints"
+    meta = '{"step": 0, "world_size": 2, "zero_stage": 2}'
     for step in (2, 4):
         (root / f"step_{step:07d}").mkdir(parents=True)
-        (root / f"step_{step:07d}" / "meta.json").write_text("{}")
+        (root / f"step_{step:07d}" / "meta.json").write_text(meta)
     sent = []
     monkeypatch.setattr(ckpt.dist, "is_main", lambda: True)
     monkeypatch.setattr(ckpt.dist, "from_main", lambda value: sent.append(value) or value)
-    assert ckpt.agreed_latest(tmp_path) == root / "step_0000004" and sent == ["step_0000004"]
+    assert ckpt.agreed_resume_point(tmp_path, 2, 2) == root / "step_0000004" and sent == [("step_0000004", False)]
     (root / "step_0000006").mkdir()
-    (root / "step_0000006" / "meta.json").write_text("{}")
+    (root / "step_0000006" / "meta.json").write_text(meta)
     monkeypatch.setattr(ckpt.dist, "is_main", lambda: False)  # rank 1: rank 0 said step 4
-    monkeypatch.setattr(ckpt.dist, "from_main", lambda value: "step_0000004")
+    monkeypatch.setattr(ckpt.dist, "from_main", lambda value: ("step_0000004", False))
     assert ckpt.find_latest(tmp_path) == root / "step_0000006"
-    assert ckpt.agreed_latest(tmp_path) == root / "step_0000004"
+    assert ckpt.agreed_resume_point(tmp_path, 2, 2) == root / "step_0000004"
+
+
+def test_a_new_layout_resumes_the_newest_checkpoint_with_the_universal_form(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only some checkpoints carry the world-size-independent form (universal_every): the same
+    layout resumes the newest checkpoint, another layout the newest one with that form (the
+    warning names the steps given up and how to keep them), none at all is one clear error; and
+    pruning never deletes the newest universal checkpoint while the kept ones lack it."""
+    import logging
+
+    import mdt_ds.checkpoint as ckpt
+
+    root = tmp_path / "checkpoints"
+
+    def checkpoint(step: int, universal: bool) -> None:
+        (root / f"step_{step:07d}" / "universal").mkdir(parents=True)
+        (root / f"step_{step:07d}" / "meta.json").write_text(json.dumps({"step": step, "world_size": 2,
+                                                                          "zero_stage": 2}))
+        if universal:
+            (root / f"step_{step:07d}" / "universal" / "index.json").write_text("{}")
+
+    checkpoint(2, False)
+    with pytest.raises(ckpt.ResumeError, match="resume with 2 processes and zero_stage=2"):
+        ckpt.resume_point(tmp_path, 1, 2)
+    checkpoint(4, True)
+    for step in (6, 8):
+        checkpoint(step, False)
+    assert ckpt.resume_point(tmp_path, 2, 2) == root / "step_0000008"
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.resume_point(tmp_path, 1, 2) == root / "step_0000004"
+        assert ckpt.resume_point(tmp_path, 2, 3) == root / "step_0000004"
+    assert "step_0000008 (step 8) has only its 2-process ZeRO-2 layout. To keep its 4 steps" in caplog.text
+    assert ckpt.prune(root, 2) == ["step_0000002"]  # step 4 stays: the only universal one
+    checkpoint(10, True)
+    assert ckpt.prune(root, 2) == ["step_0000004", "step_0000006"]
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000008", "step_0000010"]
 
 
 def test_each_rank_claims_only_its_own_checkpoint_files(tmp_path: Path) -> None:

@@ -46,11 +46,11 @@ def losses(run_dir: Path) -> list[float]:
 
 @pytest.fixture(scope="module")
 def scenarios(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One 2-process job that runs the stage, resume, checkpointing, host-sync and compile scenarios."""
+    """One 2-process job that runs the stage, resume, precision, checkpointing, host-sync and compile scenarios."""
     work = tmp_path_factory.mktemp("trainer")
     out = work / "results.json"
-    torchrun(["tests/trainer_worker.py", str(out), str(work), "stages", "resume", "checkpointing", "syncs", "compile"],
-             timeout=1200)
+    torchrun(["tests/trainer_worker.py", str(out), str(work), "stages", "resume", "precision", "checkpointing", "syncs",
+              "compile"], timeout=1200)
     return {"work": work, **json.loads(out.read_text())}
 
 
@@ -78,6 +78,21 @@ def test_resume_is_bit_exact(scenarios: dict, stage: int) -> None:
     assert result["resumed_steps"] == [1, 2, 3, 4, 5, 6]
     assert result["resumed"] == result["full"]  # bit for bit, Adan, ZeRO-2/3, bf16
     assert result["ema_diff"] == 0.0
+
+
+@pytest.mark.parametrize("name, facts", [
+    ("amp2", {"optimizer": "DeepSpeedZeroOptimizer", "param_dtype": "torch.float32", "autocast": True}),
+    ("accum1", {"optimizer": "BF16_Optimizer", "param_dtype": "torch.bfloat16", "autocast": False}),
+    ("accum2", {"optimizer": "DeepSpeedZeroOptimizer", "param_dtype": "torch.bfloat16", "autocast": False}),
+])
+def test_precision_modes_build_what_they_name_and_resume_bit_exactly(scenarios: dict, name: str, facts: dict) -> None:
+    """bf16-amp: fp32 parameters under DeepSpeed's autocast; bf16 with 2 micro-steps per step:
+    gradients accumulate in fp32 (ZeRO-2's buffer; ZeRO-1 moves to DeepSpeed's BF16_Optimizer),
+    on 2 processes; each trains, and 2 steps + resume give the uninterrupted run's losses and EMA."""
+    result = scenarios["precision"][name]
+    assert result["facts"] == {**facts, "accum_dtype": "torch.float32"}
+    assert result["resumed"] == result["full"] and result["ema_diff"] == 0.0
+    assert all(math.isfinite(v) for v in result["full"])
 
 
 def test_activation_checkpointing_gives_identical_losses(scenarios: dict) -> None:
@@ -361,6 +376,9 @@ class FakeEngine:
     def get_lr(self) -> list[float]:
         return [1e-3]
 
+    def zero_optimization_stage(self) -> int:
+        return 2
+
 
 class FakeMonitor:
     def __init__(self) -> None:
@@ -412,7 +430,7 @@ def bare_trainer(tmp_path: Path, *overrides: str, objective=None, device: str = 
     trainer.batches = iter(lambda: (torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long)), None)
     trainer.macs_per_image, trainer.peak_flops, trainer.peak_source = 1.0, 1e12, "test"
     trainer.monitor, trainer.last_ckpt = FakeMonitor(), None
-    trainer.disk = {"checkpoint": 0, "snapshot": 0}
+    trainer.disk = {"checkpoint": 0, "universal": 0, "snapshot": 0}
     trainer.resume_meta = {}
     trainer.loader = type("FakeLoader", (), {"skipped_samples": 0, "position": lambda self, step: {"step": step}})()
     if device == "cpu":
@@ -497,6 +515,7 @@ def test_trainer_asks_for_pinned_batches_only_on_cuda(tmp_path: Path, monkeypatc
         return SimpleNamespace(stream=SimpleNamespace(spec=SimpleNamespace(shards=("a.tar",))))
 
     monkeypatch.setattr(loader_mod, "build_loader", build)
+    monkeypatch.setattr(loader_mod, "check_shards", lambda source, skip_corrupt: (["a.tar"], []))
     for device in ("cuda", "cpu"):
         bare_trainer(tmp_path, device=device)._build_loader(0)
     assert asked == [True, False]
@@ -570,3 +589,78 @@ def test_a_run_ends_with_a_summary_of_where_its_outputs_are(tmp_path: Path) -> N
     assert lines[0].startswith("done: step 8 of 8, last loss 0.2500")
     assert lines[1].endswith("step_0000008") and lines[2].endswith("ema_0000008.pt") and lines[3].endswith("none")
     assert f"tensorboard --logdir {tmp_path / 'tensorboard'}" in lines[4]
+
+
+def test_logged_step_time_leaves_out_checkpoints_grids_and_fid(tmp_path: Path) -> None:
+    """img/s and MFU must not dip after a checkpoint, grid or FID step: their time is kept out
+    of the logging window (each of them takes 0.2 s here; a fake training step takes ~1 ms)."""
+    import time
+
+    tr = bare_trainer(tmp_path, "steps=6", "log_every=2", "ckpt_every=1", "sample_every=1", "fid_every=3")
+    tr.save = lambda snapshot=True, final=False: time.sleep(0.2)
+    tr.sample_grid = tr.evaluate_fid = lambda: time.sleep(0.2)
+    tr.run()
+    logged = [(step, scalars["step_time"]) for step, scalars, _ in tr.monitor.logged]
+    assert [step for step, _ in logged] == [2, 4, 6]
+    assert all(seconds < 0.05 for _, seconds in logged), logged
+
+
+def test_universal_form_goes_into_every_kth_checkpoint_and_the_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The world-size-independent form duplicates the fp32 master, moments and EMA (half of an
+    XL/2 checkpoint): written into every universal_every-th checkpoint and the final one only."""
+    from mdt_ds import trainer as trainer_mod
+
+    saved: dict[int, bool] = {}
+
+    def fake_save(engine, ema, run_dir, step, universal=True, **kwargs):
+        saved[step] = universal
+        (tmp_path / f"step_{step:07d}").mkdir()
+        return tmp_path / f"step_{step:07d}"
+
+    monkeypatch.setattr(trainer_mod, "save_training_state", fake_save)
+    monkeypatch.setattr(trainer_mod, "save_ema_snapshot", lambda state, cfg, run_dir, step: Path("ema"))
+    tr = bare_trainer(tmp_path, "steps=11", "log_every=100", "ckpt_every=2", "universal_every=2", "snapshot_every=100")
+    tr._gathered_ema = lambda: {}
+    tr.run()
+    assert saved == {2: False, 4: True, 6: False, 8: True, 10: False, 11: True}
+
+
+def test_untested_torch_and_deepspeed_are_refused_in_one_line() -> None:
+    from mdt_ds.engine import check_versions
+
+    check_versions("2.14.1+cu130", "0.19.8")
+    check_versions("2.6.0", "0.19.0")
+    with pytest.raises(ConfigError, match=r"torch 2.5.1 is too old: mdt-ds trains with torch >= 2.6"):
+        check_versions("2.5.1", "0.19.8")
+    for deepspeed in ("0.18.9", "0.20.0"):
+        with pytest.raises(ConfigError, match=rf"deepspeed {deepspeed} is untested.*'deepspeed>=0.19,<0.20'"):
+            check_versions("2.14.1", deepspeed)
+
+
+def test_flex_attention_is_probed_once_per_head_dim(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A head dim FlexAttention rejects (XL/2: 72) fails at build time in one line saying "use
+    sdpa"; the probe runs once per (device, head dim); a CPU run is refused before any probe."""
+    import mdt_ds.models.layers as layers
+    from mdt_ds.engine import check_flex
+
+    calls = []
+
+    def flex(q, k, v, bias, scale, ids_keep=None):
+        calls.append(q.shape[-1])
+        if q.shape[-1] == 72:
+            raise RuntimeError("Unsupported head dimension 72\nlong inductor trace")
+        return (q * scale).sum(-1, keepdim=True) * v
+
+    monkeypatch.setattr(layers, "flex_attention_with_bias", flex)
+    check_flex.cache_clear()
+    meta = torch.device("meta")  # stands in for a GPU: the probe's tensors need no memory there
+    check_flex(meta, 64)
+    check_flex(meta, 64)
+    with pytest.raises(ConfigError, match=r"fails for head dim 72 .*Unsupported head dimension 72\); use model.attention='sdpa'"):
+        check_flex(meta, 72)
+    assert calls == [64, 72]
+    with pytest.raises(ConfigError, match="cannot train on CPU"):
+        check_flex(torch.device("cpu"), 64)
+    check_flex.cache_clear()

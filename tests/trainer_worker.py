@@ -66,6 +66,49 @@ def scenario_resume(workdir: Path) -> dict:
     return out
 
 
+def engine_facts(engine) -> dict:
+    """What the engine was built with: its optimizer wrapper, parameter dtype, autocast, and the
+    dtype gradients accumulate in over micro-steps (ZeRO's buffer, or BF16_Optimizer's)."""
+    opt = engine.optimizer
+    accum = getattr(opt, "gradient_accumulation_dtype", None)
+    flat = getattr(opt, "fp32_groups_gradients_flat", None)  # BF16_Optimizer (ZeRO-1 + fp32 accumulation)
+    if flat:
+        accum = flat[0].dtype
+    return {"optimizer": type(opt).__name__, "param_dtype": str(next(engine.module.parameters()).dtype),
+            "autocast": bool(engine.torch_autocast_enabled()), "accum_dtype": str(accum)}
+
+
+def scenario_precision(workdir: Path) -> dict:
+    """bf16-amp (fp32 parameters, autocast) under ZeRO-2, and bf16 with 2 micro-steps per step
+    under ZeRO-1 and ZeRO-2 (fp32 accumulation): engine facts, and 4 steps uninterrupted vs 2 +
+    resume to 4 (bit-exact)."""
+    import mdt_ds.trainer as trainer_mod
+
+    built = trainer_mod.build_engine
+    facts: list[dict] = []
+
+    def recording(*args, **kwargs):
+        engine, ds = built(*args, **kwargs)
+        facts.append(engine_facts(engine))
+        return engine, ds
+
+    trainer_mod.build_engine = recording
+    out = {}
+    try:
+        for name, common in (("amp2", ["precision=bf16-amp", "zero_stage=2"]),
+                             ("accum1", ["precision=bf16", "zero_stage=1", "global_batch=16", "micro_batch=4"]),
+                             ("accum2", ["precision=bf16", "zero_stage=2", "global_batch=16", "micro_batch=4"])):
+            full = run(workdir, f"{name}_full", *common, "steps=4", "ckpt_every=2")
+            run(workdir, f"{name}_part", *common, "steps=2", "ckpt_every=2")
+            resumed = run(workdir, f"{name}_part", *common, "steps=4", "ckpt_every=2")
+            out[name] = {"facts": facts[0], "full": full["losses"], "resumed": resumed["losses"],
+                         "ema_diff": max_diff(ema_of(workdir, f"{name}_full", 4), ema_of(workdir, f"{name}_part", 4))}
+            facts.clear()
+    finally:
+        trainer_mod.build_engine = built
+    return out
+
+
 def scenario_checkpointing(workdir: Path) -> dict:
     """Activation checkpointing (all blocks) gives the same losses as none."""
     common = ["zero_stage=2", "precision=fp32", "steps=4", "ckpt_every=0"]

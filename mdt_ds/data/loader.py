@@ -452,6 +452,15 @@ def resolve_source(source: str, data_root: str | None = None) -> Path:
     return path
 
 
+def check_shards(source: str, skip_corrupt: bool = False, data_root: str | None = None) -> tuple[list[str], list[str]]:
+    """Open and check every shard of ``source`` (sizes, first headers): the usable shards' names
+    and the messages of those skipped (``skip_corrupt``). Run once per job: each rank of a large
+    job opening every shard of an ImageNet set at start-up is tens of thousands of opens."""
+    directory = resolve_source(source, data_root)
+    good, bad = validate_shards(directory, read_manifest(directory), skip_corrupt=skip_corrupt)
+    return [p.name for p in good], bad
+
+
 def build_loader(
     source: str,
     *,
@@ -470,11 +479,13 @@ def build_loader(
     with_index: bool = False,
     pin_memory: bool = False,
     resume_from: dict[str, Any] | None = None,
+    checked: tuple[list[str], list[str]] | None = None,
 ) -> Loader:
     """Validate the shards (layout, sizes) and return the stream of ``(x, y)`` batches for this rank.
     ``start_step`` counts batches of this loader (micro-batches); ``flip=None`` follows the manifest.
     ``resume_from``: a :meth:`Loader.position` saved by the run being resumed; None, or one of the
-    same layout, gives exactly the stream without it (see the module docstring)."""
+    same layout, gives exactly the stream without it (see the module docstring). ``checked``: the
+    result of :func:`check_shards` done once elsewhere (rank 0 for every rank), else it runs here."""
     if batch_size < 1 or num_workers < 0 or not 0 <= rank < world_size:
         raise ValueError(
             f"bad loader arguments: batch_size={batch_size} num_workers={num_workers} "
@@ -482,7 +493,8 @@ def build_loader(
         )
     directory = resolve_source(source, data_root)
     manifest = read_manifest(directory)
-    good, bad = validate_shards(directory, manifest, skip_corrupt=skip_corrupt)
+    names, bad = checked if checked is not None else check_shards(source, skip_corrupt, data_root)
+    good = [directory / name for name in names]
     counts = {e["name"]: e["samples"] for e in manifest["shards"]}
     lanes = max(1, num_workers)
     if not resampled and world_size * lanes > len(good):

@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import socket
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,13 +111,19 @@ def _verify(path: Path, source: str) -> WeightsFile:
     return WeightsFile(path, source, digest)
 
 
+def _part(path: Path) -> Path:
+    """A private temporary name beside ``path``: processes on several hosts sharing one cache
+    folder (NFS) can have the same pid, so the name carries both."""
+    return path.with_name(f"{path.name}.part.{socket.gethostname()}.{os.getpid()}")
+
+
 def download_weights(dest: Path | None = None, timeout: float = 60.0) -> Path:
     """Fetch NVIDIA's port to the cache (atomically), record its SHA-256 beside it."""
     dest = dest or cache_dir() / NVIDIA_FILE
     dest.parent.mkdir(parents=True, exist_ok=True)
     errors = []
     for url in INCEPTION_URLS:
-        part = dest.with_name(dest.name + f".part{os.getpid()}")
+        part = _part(dest)
         try:
             log.info("downloading Inception weights from %s", url)
             with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as f:
@@ -129,7 +136,7 @@ def download_weights(dest: Path | None = None, timeout: float = 60.0) -> Path:
             # The hash first, each by an atomic rename: a process that finds ``dest`` (another
             # rank sharing the cache) always finds its complete sidecar beside it.
             sidecar = dest.with_name(dest.name + ".sha256")
-            sidecar_part = sidecar.with_name(sidecar.name + f".part{os.getpid()}")
+            sidecar_part = _part(sidecar)
             sidecar_part.write_text(f"{digest}  {url}\n")
             os.replace(sidecar_part, sidecar)
             os.replace(part, dest)

@@ -253,8 +253,12 @@ def _setup_logging(rank: int) -> None:
 
 def _load_codec(args: argparse.Namespace, local_rank: int) -> Any:
     # cuda:0 under srun --gpus-per-task=1, which shows each task only its own GPU
-    device = args.device or (f"cuda:{local_gpu(local_rank, torch.cuda.device_count())}" if torch.cuda.is_available()
-                             else "cpu")
+    device = torch.device(args.device or (f"cuda:{local_gpu(local_rank, torch.cuda.device_count())}"
+                                          if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        # The current device too: kernels and libraries that allocate on "the" device (cuDNN
+        # workspaces, the VAE's caches) would otherwise all land on cuda:0 beside rank 0.
+        torch.cuda.set_device(device)
     codec = load_codec(args.codec, device)
     # fp32 by default on every device, as the release encodes; bf16 only when asked for.
     if hasattr(codec, "vae") and args.precision == "bf16":

@@ -39,6 +39,9 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 # SD-VAE encodes per second and GPU at 256 px in bf16: an assumption (no GPU has measured it here;
 # benchmarks/device_check.sh part (d) and mdt-extract-latents' final log line do).
 DEFAULT_VAE_IMGS_PER_S = 500.0
+# Per-GPU bandwidth of the data-parallel collectives across nodes: an assumption, stated in the report.
+DEFAULT_BANDWIDTH_GBS = 50.0
+BANDWIDTH_NOTE = "one 400 Gb/s InfiniBand NDR link per GPU, as on 8-GPU H100 nodes; NVLink within a node is faster"
 # Activations stored per token by one transformer block, in elements (Korthikanti et al. 2022,
 # "Reducing Activation Recomputation in Large Transformer Models", without dropout: attention 5h
 # plus the softmax a*s, MLP 9h, the two LayerNorm inputs 2h; adaLN adds the two modulate outputs and
@@ -65,12 +68,13 @@ def state_bytes(num_params: int, precision: str, zero_stage: int, gpus: int, opt
     """Model and optimizer state per GPU (the ZeRO paper's model): weights in the training
     precision (sharded by ZeRO-3), gradients (ZeRO-2, 3), fp32 master, moments (Adan 4, AdamW 2)
     and this project's EMA (ZeRO-1, 2, 3; see mdt_ds/ema.py: the EMA shadows the master's slices)."""
-    low = 4 if precision == "fp32" else 2
+    low = param_bytes(precision)
     moments = 4 if optimizer == "adan" else 2
     shard = {name: gpus if zero_stage >= stage else 1 for name, stage in (("p", 3), ("g", 2), ("os", 1))}
-    # An fp32 run keeps no separate master at ZeRO-0 (the optimizer steps the parameters) nor at
-    # ZeRO-3 (stage3.py reuses the fp32 partition); ZeRO-1/2 clone their fp32 partition.
-    master = 0 if precision == "fp32" and zero_stage in (0, 3) else 4
+    # A run with fp32 parameters (fp32, bf16-amp) keeps no separate master at ZeRO-0 (the
+    # optimizer steps the parameters) nor at ZeRO-3 (stage3.py reuses the fp32 partition);
+    # ZeRO-1/2 clone their fp32 partition.
+    master = 0 if low == 4 and zero_stage in (0, 3) else 4
     return {
         "weights": num_params * low / shard["p"],
         "gradients": num_params * low / shard["g"],
@@ -78,6 +82,12 @@ def state_bytes(num_params: int, precision: str, zero_stage: int, gpus: int, opt
         "optimizer_moments": num_params * 4 * moments / shard["os"],
         "ema": num_params * 4 / shard["os"],
     }
+
+
+def param_bytes(precision: str) -> int:
+    """Bytes per parameter (and per weight gradient) in the training precision: bf16-amp keeps
+    fp32 parameters; its matmuls run in bf16."""
+    return 2 if precision in ("bf16", "fp16") else 4
 
 
 def _block_tokens(model: MDTv2) -> list[tuple[Any, int, bool]]:
@@ -97,7 +107,7 @@ def activation_bytes(model: MDTv2, micro_batch: int, precision: str, scope: str 
     """An ESTIMATE of the activations kept for backward per GPU (both passes live until the one
     backward) with activation checkpointing ``scope``: a checkpointed block keeps only its input,
     and backward recomputes one such block at a time."""
-    elem = 4 if precision == "fp32" else 2
+    elem = 4 if precision == "fp32" else 2  # bf16-amp: the matmul inputs and outputs are bf16
     hidden, heads = model.hidden_size, model.num_heads
     wrapped = {id(b) for b in checkpointed_blocks(model, scope)}
     kept = recompute = 0
@@ -127,21 +137,55 @@ def activation_report(model: MDTv2, micro_batch: int, precision: str, scope: str
 
 # --------------------------------------------------------------------------- disk and time
 def disk_bytes(
-    num_params: int, precision: str, optimizer: str, keep_ckpts: int, keep_snapshots: int, snapshot_format: str
+    num_params: int, precision: str, optimizer: str, keep_ckpts: int, keep_snapshots: int, snapshot_format: str,
+    universal_every: int = 4,
 ) -> dict[str, Any]:
-    """Each checkpoint and snapshot (checkpoint.estimate_bytes, the trainer's own estimate) and
-    what the kept ones add up to; None where keep=0 keeps them all (the total grows with the run)."""
+    """Each checkpoint (its universal form apart: in every ``universal_every``-th only) and
+    snapshot (checkpoint.estimate_bytes, the trainer's own estimate), and what the kept ones add
+    up to, at most one in ``universal_every`` of them with the universal form (at least one);
+    None where keep=0 keeps them all (the total grows with the run)."""
     sizes = estimate_bytes(num_params, precision, optimizer)
     snapshot = sizes["snapshot"] * len(snapshot_suffixes(snapshot_format))
-    ckpts = sizes["checkpoint"] * keep_ckpts if keep_ckpts else None
+    with_universal = max(1, -(-keep_ckpts // universal_every)) if universal_every else 1
+    ckpts = sizes["checkpoint"] * keep_ckpts + sizes["universal"] * with_universal if keep_ckpts else None
     snaps = snapshot * keep_snapshots if keep_snapshots else None
     return {
         "checkpoint": sizes["checkpoint"],
+        "universal": sizes["universal"],
+        "universal_every": universal_every,
         "snapshot": snapshot,
         "keep_ckpts": keep_ckpts,
         "keep_snapshots": keep_snapshots,
         "kept_total": None if ckpts is None or snaps is None else ckpts + snaps,
     }
+
+
+def communication(
+    num_params: int, zero_stage: int, gpus: int, grad_accum: int, grad_bytes: int, weight_bytes: int,
+    bandwidth_gbs: float, compute_s: float,
+) -> dict[str, float]:
+    """Bytes each GPU sends per optimizer step, and their time at ``bandwidth_gbs`` GB/s, beside
+    the step's compute time. Ring collectives move ``(N-1)/N`` of the data per GPU (the ZeRO
+    paper's volumes, Rajbhandari et al. 2020, section 7): ZeRO-0 all-reduces the gradients once
+    per step (2x), ZeRO-1 reduce-scatters them once per step, ZeRO-2 at every micro-step (its
+    gradients are partitioned as they are made), and ZeRO-1/2 all-gather the updated weights;
+    ZeRO-3 all-gathers the weights twice (forward, backward) and reduce-scatters the gradients
+    at every micro-step. Assumes DeepSpeed overlaps none of it: the time is an upper bound."""
+    ring = (gpus - 1) / gpus
+    grads = {0: 2.0, 1: 1.0, 2: float(grad_accum), 3: float(grad_accum)}[zero_stage] * grad_bytes
+    weights = {0: 0.0, 1: 1.0, 2: 1.0, 3: 2.0 * grad_accum}[zero_stage] * weight_bytes
+    volume = ring * num_params * (grads + weights)
+    seconds = volume / (bandwidth_gbs * 1e9)
+    return {"bytes_per_gpu": volume, "seconds": seconds, "bandwidth_gbs": bandwidth_gbs, "compute_seconds": compute_s,
+            "comm_over_compute": seconds / compute_s if compute_s else 0.0}
+
+
+def reduce_bytes(precision: str, grad_reduce_dtype: str) -> int:
+    """Bytes per gradient element on the wire: ``grad_reduce_dtype``, else DeepSpeed's choice (the
+    training precision; bf16-amp reduces its Linear and Conv weights, most of the model, in bf16)."""
+    if grad_reduce_dtype != "auto":
+        return 4 if grad_reduce_dtype == "fp32" else 2
+    return 4 if precision == "fp32" else 2
 
 
 def speed(train_macs: int, peak_flops: float, mfu: float, gpus: int, global_batch: int) -> dict[str, float]:
@@ -174,7 +218,7 @@ def extraction(vae_imgs_per_s: float, gpus: int) -> dict[str, float]:
 # --------------------------------------------------------------------------- the report
 def peak(args: argparse.Namespace) -> tuple[float, str]:
     """(peak FLOP/s, where it comes from): --peak-tflops, else the datasheet table."""
-    kind = "bf16" if args.precision == "bf16" else "tf32" if args.tf32 else "fp32"
+    kind = "bf16" if args.precision in ("bf16", "bf16-amp", "fp16") else "tf32" if args.tf32 else "fp32"
     if args.peak_tflops:
         return args.peak_tflops * 1e12, f"--peak-tflops {args.peak_tflops:g}"
     found = table_peak_flops(args.gpu, kind)
@@ -201,6 +245,10 @@ def estimate(args: argparse.Namespace) -> dict[str, Any]:
     acts = activation_report(model, micro, args.precision, scope)
     flops, source = peak(args)
     mfu = args.mfu if args.mfu is not None else DEFAULT_MFU
+    rate = speed(costs["train_macs_per_image"], flops, mfu, args.gpus, args.global_batch)
+    comm = communication(costs["params"], args.zero_stage, args.gpus, accum, reduce_bytes(args.precision,
+                         args.grad_reduce_dtype), param_bytes(args.precision), args.bandwidth_gbs,
+                         micro * accum / rate["imgs_per_s_per_gpu"])
     return {
         "model": args.model,
         **costs,
@@ -213,6 +261,7 @@ def estimate(args: argparse.Namespace) -> dict[str, Any]:
             "precision": args.precision,
             "optimizer": args.optimizer,
             "activation_checkpointing": args.activation_checkpointing,
+            "grad_reduce_dtype": args.grad_reduce_dtype,
         },
         "memory_per_gpu": {
             **states,
@@ -221,8 +270,11 @@ def estimate(args: argparse.Namespace) -> dict[str, Any]:
             "total_estimate": sum(states.values()) + acts["bytes"],
         },
         "disk": disk_bytes(
-            costs["params"], args.precision, args.optimizer, args.keep_ckpts, args.keep_snapshots, args.snapshot_format
+            costs["params"], args.precision, args.optimizer, args.keep_ckpts, args.keep_snapshots, args.snapshot_format,
+            args.universal_every,
         ),
+        "communication": {**comm, "bandwidth_source": "given (--bandwidth-gbs)" if args.bandwidth_gbs !=
+                          DEFAULT_BANDWIDTH_GBS else f"assumed {DEFAULT_BANDWIDTH_GBS:g} GB/s per GPU: {BANDWIDTH_NOTE}"},
         "speed": {
             "gpu": args.gpu,
             "peak_flops": flops,
@@ -231,7 +283,7 @@ def estimate(args: argparse.Namespace) -> dict[str, Any]:
             "mfu_source": "given (--mfu)"
             if args.mfu is not None
             else f"assumed {DEFAULT_MFU} (no MFU measured on a GPU yet; pass --mfu)",
-            **speed(costs["train_macs_per_image"], flops, mfu, args.gpus, args.global_batch),
+            **rate,
             "paper_length": PAPER_SOURCE,
             "release_anchor": RELEASE_ANCHOR,
         },
@@ -251,14 +303,16 @@ def _gib(value: float | None) -> str:
 
 def format_report(r: dict[str, Any]) -> str:
     """The human-readable report."""
-    run, mem, acts, disk, sp, ex = (
+    run, mem, acts, disk, sp, ex, comm = (
         r["run"],
         r["memory_per_gpu"],
         r["memory_per_gpu"]["activations_estimate"],
         r["disk"],
         r["speed"],
         r["extraction"],
+        r["communication"],
     )
+    every = disk["universal_every"]
     ckpt = run["activation_checkpointing"]
     lines = [
         f"{r['model']}: {r['params'] / 1e6:.2f}M parameters ({r['params_inference'] / 1e6:.2f}M at inference, "
@@ -290,9 +344,17 @@ def format_report(r: dict[str, Any]) -> str:
         f"  {'total (estimate)':<20} {_gib(mem['total_estimate'])} (activation_checkpointing={ckpt!r}); not counted: "
         "CUDA context, DeepSpeed's communication buckets, allocator fragmentation",
         "",
-        f"Disk: each checkpoint {_gib(disk['checkpoint'])} (DeepSpeed files + universal fp32 copy), each EMA "
-        f"snapshot {_gib(disk['snapshot'])}; kept ({disk['keep_ckpts']} checkpoints + {disk['keep_snapshots']} "
-        f"snapshots): {_gib(disk['kept_total'])}",
+        f"Disk: each checkpoint {_gib(disk['checkpoint'])} (DeepSpeed's files and the EMA shards), "
+        f"+{_gib(disk['universal'])} for the world-size-independent form in "
+        f"{'the checkpoints of a stop and the end' if not every else f'every {every}th checkpoint and the last'}; "
+        f"each EMA snapshot {_gib(disk['snapshot'])}; kept ({disk['keep_ckpts']} checkpoints + "
+        f"{disk['keep_snapshots']} snapshots): {_gib(disk['kept_total'])}",
+        "",
+        f"Communication per step and GPU (ZeRO-{run['zero_stage']}, gradients reduced as "
+        f"grad_reduce_dtype={run['grad_reduce_dtype']!r}): {comm['bytes_per_gpu'] / 1e9:.2f} GB, "
+        f"{comm['seconds'] * 1e3:.0f} ms at {comm['bandwidth_gbs']:g} GB/s ({comm['bandwidth_source']}) against "
+        f"{comm['compute_seconds'] * 1e3:.0f} ms of compute at the MFU below: {comm['comm_over_compute']:.2f}x, "
+        "hidden only as far as it overlaps the backward (comm.overlap_comm, comm.reduce_bucket_size)",
         "",
         f"Time on {run['gpus']} x {sp['gpu']}: peak {sp['peak_flops'] / 1e12:.0f} TFLOP/s ({sp['peak_source']}), "
         f"MFU {sp['mfu']:.2f} ({sp['mfu_source']})",
@@ -341,7 +403,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=_number(int, 1), default=32, help="images per GPU per forward")
     p.add_argument("--global-batch", type=_number(int, 1), default=d.global_batch, help="images per step (paper: 256)")
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=d.zero_stage)
-    p.add_argument("--precision", choices=("bf16", "fp32"), default=d.precision)
+    p.add_argument("--precision", choices=("bf16", "bf16-amp", "fp16", "fp32"), default=d.precision)
+    p.add_argument("--grad-reduce-dtype", choices=("auto", "fp32", "bf16"), default=d.grad_reduce_dtype,
+                   help="dtype of the gradient reduction (auto: DeepSpeed's, the training precision)")
+    p.add_argument("--bandwidth-gbs", type=_number(float, 0, low_open=True), default=DEFAULT_BANDWIDTH_GBS,
+                   help="per-GPU bandwidth of the collectives in GB/s, for the communication time")
+    p.add_argument("--universal-every", type=_number(int, 0), default=d.universal_every,
+                   help="the world-size-independent form in every Nth checkpoint (0: only at stops and the end)")
     p.add_argument("--optimizer", choices=("adan", "adamw"), default=d.optim.name)
     p.add_argument(
         "--activation-checkpointing",
