@@ -32,15 +32,17 @@ def codec_name_for_source(source: str) -> str:
 
 
 def sample_options(d: DiffusionConfig, steps: int, sampler: str | None = None, cfg_scale: float | None = None,
-                   cfg_interval: list[int] | None = None):
+                   cfg_interval: list[int] | None = None, autocast: str = "none"):
     """How the run samples its grids and in-training FID: ``cfg.diffusion``'s sampler, spacing,
-    guidance (at least 1) and interval, each overridable."""
+    guidance (at least 1) and interval, each overridable; the model's forward in fp32 unless
+    ``autocast`` ("bf16", "fp16") says otherwise."""
     from mdt_ds.sampling import SampleOptions
 
     return SampleOptions(
         cfg_scale=cfg_scale if cfg_scale is not None else max(d.cfg_scale, 1.0), cfg_pow=d.cfg_pow,
         guide_channels=d.guide_channels, sampler=sampler or d.sampler, steps=steps, spacing=d.sample_spacing,
         cfg_interval=d.cfg_interval if cfg_interval is None else cfg_interval, num_timesteps=d.num_timesteps,
+        autocast=autocast,
     )
 
 
@@ -49,6 +51,7 @@ def sample_images(
     cfg: TrainConfig, state_dict: dict[str, torch.Tensor], per_class: int = 4, max_classes: int = 10,
     steps: int | None = None, cfg_scale: float | None = None, device: torch.device | str | None = None,
     sampler: str | None = None, cfg_interval: list[int] | None = None, stats: dict | None = None,
+    autocast: str = "none",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``per_class`` images for each of the first ``max_classes`` classes, class-major:
     (images in [-1, 1] NCHW on the CPU, labels). Image i uses seed ``image_seed(cfg.seed, i)``.
@@ -69,14 +72,15 @@ def sample_images(
     classes = min(cfg.model.num_classes, max_classes)
     labels = torch.arange(classes).repeat_interleave(per_class)
     seeds = [image_seed(cfg.seed, i) for i in range(len(labels))]
-    options = sample_options(cfg.diffusion, steps or cfg.diffusion.sample_steps, sampler, cfg_scale, cfg_interval)
+    options = sample_options(cfg.diffusion, steps or cfg.diffusion.sample_steps, sampler, cfg_scale, cfg_interval,
+                             autocast)
     codec = codec_for_source(cfg.data.source, cfg.model.in_channels, device=device)
     with sampling_tf32(device):
         latents = generate(
             model, options.diffusion(), labels, seeds, cfg_scale=options.cfg_scale,
             cfg_pow=options.cfg_pow, guide_channels=options.guide_channels, sampler=options.sampler,
             cfg_interval=options.cfg_interval, clip_denoised=isinstance(codec, PixelCodec), device=device,
-            stats=stats,
+            autocast_dtype=options.autocast_dtype(), stats=stats,
         )
         images = codec.decode(latents)
     return images.cpu(), labels

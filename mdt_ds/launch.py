@@ -119,6 +119,10 @@ class SlurmOptions:
         # srun --wait: when one task dies (a crash), the others are ended 2 minutes later
         # instead of hanging in a collective until the NCCL timeout.
         srun_args = ["--wait=120", *self.srun_args]
+        if self.cpus_per_task:
+            # Explicitly: several Slurm releases do not pass sbatch's --cpus-per-task on to srun,
+            # and each rank would get one core (serial compiles, a starved data loader).
+            srun_args.insert(1, f"--cpus-per-task={self.cpus_per_task}")
         params.update(
             slurm_signal_delay_s=self.signal_delay_s,
             slurm_array_parallelism=self.array_parallelism,

@@ -91,7 +91,7 @@ def record_launch(run_dir: Path, env: dist.DistEnv, start_step: int) -> list[dic
     """Collective: who and where every rank is, and the CPU cores it may use, appended to
     ``run_dir/launch.jsonl`` by rank 0 alone (ranks appending to one file on a shared filesystem
     interleave their lines). A rank with one core under Slurm usually means srun was not given
-    ``--cpus-per-task`` (it is not inherited from sbatch since Slurm 22.05)."""
+    ``--cpus-per-task`` (several Slurm releases do not pass sbatch's on to srun)."""
     cpus = dist.usable_cpus()
     mine = {
         "rank": env.rank, "world_size": env.world_size, "local_rank": env.local_rank, "host": socket.gethostname(),

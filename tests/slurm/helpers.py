@@ -39,6 +39,7 @@ TINY = [
 ]
 STEPS = 24
 JOB_TIMEOUT = 240  # seconds for one job, a requeue included
+TASK_CPUS = 2  # each emulated node has this host's 2 cores; task/affinity binds each task to what it asked
 
 
 @dataclass
@@ -123,6 +124,7 @@ def submit_train_sbatch(
     env: dict[str, str] | None = None,
     sbatch_args: tuple[str, ...] = (),
     nodes: int = 2,
+    cpus_per_task: int = TASK_CPUS,
 ) -> tuple[str, Path]:
     """slurm/train.sbatch on ``nodes`` nodes x 1 task (CPU): returns (job id, its log file)."""
     log = workdir / "slurm-%j.out"
@@ -130,7 +132,7 @@ def submit_train_sbatch(
         f"--nodes={nodes}",
         "--ntasks-per-node=1",
         "--gpus-per-node=0",
-        "--cpus-per-task=1",
+        f"--cpus-per-task={cpus_per_task}",
         f"--output={log}",
         f"--partition={cluster.partition}",
         "--time=15",

@@ -70,6 +70,8 @@ def test_executor_parameters_carry_every_option() -> None:
     assert params["slurm_additional_parameters"] == {"requeue": True, "reservation": "big"}
     assert params["slurm_setup"] == ["module load cuda", "export NCCL_DEBUG=WARN"]
     assert params["slurm_signal_delay_s"] == 180
+    assert params["slurm_srun_args"] == ["--wait=120", "--cpus-per-task=12"]  # srun may not inherit it
+    assert launch.SlurmOptions(nodes=2).executor_parameters()["slurm_srun_args"] == ["--wait=120"]
     assert opts.world_size == 32
     # A GPU-less job does not ask for GPUs at all; the local executor gets only generic keys.
     assert "gpus_per_node" not in launch.SlurmOptions(nodes=2).executor_parameters()

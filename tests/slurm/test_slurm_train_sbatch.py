@@ -13,6 +13,7 @@ import pytest
 from tests.slurm.helpers import (
     JOB_TIMEOUT,
     STEPS,
+    TASK_CPUS,
     Cluster,
     Reference,
     loss_curve,
@@ -31,6 +32,7 @@ def test_sbatch_two_nodes_train_and_checkpoint(reference_run: Reference) -> None
     assert sorted((r["rank"], r["slurm_nodeid"]) for r in launches) == [(0, "0"), (1, "1")], launches
     assert {r["world_size"] for r in launches} == {2} and {r["start_step"] for r in launches} == {0}
     assert {r["launcher"] for r in launches} == {"slurm"}
+    assert {r["cpus"] for r in launches} == {TASK_CPUS}, launches  # each rank has the cores it asked for
     losses = reference_run.losses
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert all(math.isfinite(v) for v in losses.values()), losses
@@ -87,3 +89,24 @@ def test_two_node_run_continues_on_one_node(slurm_cluster: Cluster, reference_ru
     late = [losses[k] for k in range(STEPS + 1, STEPS + 5)]
     early = [losses[k] for k in range(1, 5)]
     assert sum(late) / 4 < sum(early) / 4, (early, late)  # continued, not restarted from random weights
+
+
+@pytest.mark.timeout(JOB_TIMEOUT + 60)
+@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
+def test_per_node_launchers_give_their_ranks_the_nodes_cores(
+    slurm_cluster: Cluster, shm_op: None, tmp_path: Path, launcher: str
+) -> None:
+    """torchrun and the deepspeed launcher run one Slurm task per node that starts its ranks:
+    that task must get all the CPUs the job has on the node (2 tasks x 1 CPU here), not one
+    task's share (the ranks would share one core: serial compiles, a starved loader). Slurm
+    releases differ in whether srun takes sbatch's --cpus-per-task; SRUN_CPUS_PER_TASK=1 makes
+    this 22.05 take it as those that do, so the test sees what they would do."""
+    run_dir = tmp_path / "run"
+    env = slurm_cluster.job_env(MDT_LAUNCHER=launcher, MDT_NPROC_PER_NODE="2", SRUN_CPUS_PER_TASK="1")
+    job, log = submit_train_sbatch(slurm_cluster, tmp_path, run_dir, "steps=2", "ckpt_every=0", env=env, nodes=1,
+                                   cpus_per_task=1, sbatch_args=("--ntasks-per-node=2",))
+    slurm_cluster.wait_gone(job, log=log)
+    text = log.read_text(errors="replace")
+    assert "training step ended with exit code 0" in text, text[-4000:]
+    launches = read_jsonl(run_dir / "launch.jsonl")
+    assert sorted(r["rank"] for r in launches) == [0, 1] and {r["cpus"] for r in launches} == {2}, launches
