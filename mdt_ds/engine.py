@@ -80,7 +80,10 @@ def prepare_model(
     if wrapped:
         log.info("activation checkpointing on %d of %d blocks (%s)", wrapped, len(model.blocks()), scope)
     if cfg.compile:
-        log.info("torch.compile on %d blocks (regional, dynamic in the kept length)", compile_blocks(model))
+        from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+        log.info("torch.compile on %d blocks (regional, dynamic in the kept length); inductor cache %s "
+                 "(TORCHINDUCTOR_CACHE_DIR: one per node)", compile_blocks(model), cache_dir())
     return model
 
 

@@ -27,7 +27,10 @@ EXIT_USAGE = 2  # a user error, named in one line
 RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "sample_every", "force_resume", "max_bad_steps", "init_from",
                      "time_budget_min", "fid_every", "fid_images", "fid_steps", "fid_inception", "run_dir",
                      "keep_ckpts", "snapshot_every", "keep_snapshots", "snapshot_format", "stop_check_every",
-                     "cpu_malloc", "optim.fused",
+                     "cpu_malloc", "optim.fused", "universal_every",
+                     # how the ranks talk, not what they compute
+                     "comm.timeout_min", "comm.reduce_bucket_size", "comm.allgather_bucket_size", "comm.overlap_comm",
+                     "comm.multi_rank_bucket_allreduce",
                      # how grids and the in-training FID sample, not what is trained
                      "diffusion.sampler", "diffusion.sample_steps", "diffusion.sample_spacing", "diffusion.cfg_interval",
                      # how the same maths is laid out: a resume converts (universal form, data position)

@@ -55,6 +55,13 @@ def summary_interval(log_every: int, steps: int) -> int:
     return log_every * max(1, min(10, steps // (10 * log_every)))
 
 
+def training_objective(cfg: TrainConfig, device: torch.device) -> MDTv2Loss:
+    """The loss the run trains: both MDTv2 passes over the run's diffusion (its number of
+    timesteps and Min-SNR weighting), schedules on ``device``."""
+    diffusion = create_diffusion(diffusion_steps=cfg.diffusion.num_timesteps, min_snr_gamma=cfg.diffusion.min_snr_gamma)
+    return MDTv2Loss(diffusion.to(device), mask_ratio=cfg.model.mask_ratio)
+
+
 def _nth(every: int) -> str:
     return "checkpoint of a stop and the end" if not every else "checkpoint" if every == 1 else f"{every}th checkpoint"
 
@@ -76,9 +83,7 @@ class Trainer:
         self.resume_meta: dict = {}  # the resumed checkpoint's meta.json
         self.step = self._resume_or_init()
         record_launch(run_dir, env, self.step)
-        diffusion = create_diffusion(diffusion_steps=cfg.diffusion.num_timesteps,
-                                     min_snr_gamma=cfg.diffusion.min_snr_gamma).to(self.device)
-        self.objective = MDTv2Loss(diffusion, mask_ratio=cfg.model.mask_ratio)
+        self.objective = training_objective(cfg, self.device)
         self.loader = self._build_loader(self.step * self.accum)
         self.batches = iter(self.loader)
         self.macs_per_image = train_macs_per_image(self.engine.module)

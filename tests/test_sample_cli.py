@@ -230,3 +230,28 @@ def test_files_that_are_not_checkpoints(tmp_path, capsys) -> None:
         code, err = run(capsys, "--ckpt", str(path), *TINY, "--vae", "tiny-random", *FAST)
         line = one_error_line(err)
         assert code == 2 and says in line and path.name in line
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_rank_0_packs_after_every_rank_left_the_group(monkeypatch, capsys, fails: bool) -> None:
+    """The 50K npz is packed by rank 0 after the process group is torn down: no other rank waits
+    for it in a collective whose timeout the pack could outlast. A pack error is rank 0's one
+    line and exit 2."""
+    from mdt_ds import dist
+    from mdt_ds.dist import DistEnv
+
+    events: list[str] = []
+
+    def pack() -> None:
+        events.append("pack")
+        if fails:
+            raise sample_cli.SampleError("samples.parts: have 10 of 50000 images; rerun the same command to finish")
+
+    monkeypatch.setattr(dist, "launcher_env", lambda argv=(): DistEnv(0, 0, 2, "127.0.0.1", 1, "torchrun"))
+    monkeypatch.setattr(dist, "init", lambda *args, **kwargs: events.append("init"))
+    monkeypatch.setattr(dist, "teardown", lambda synchronise=False: events.append(f"teardown {synchronise}"))
+    monkeypatch.setattr(dist, "exit_launched_rank", lambda code: events.append(f"exit {code}") or code)
+    monkeypatch.setattr(sample_cli, "sample_main", lambda args: events.append("sampled") or pack)
+    sample_cli.main(["--ckpt", "x.pt", "--num-samples", "50000"])
+    assert events == ["init", "sampled", "teardown True", "pack", f"exit {2 if fails else 0}"]
+    assert ("have 10 of 50000 images" in capsys.readouterr().err) == fails

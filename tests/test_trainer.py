@@ -664,3 +664,35 @@ def test_flex_attention_is_probed_once_per_head_dim(monkeypatch: pytest.MonkeyPa
     with pytest.raises(ConfigError, match="cannot train on CPU"):
         check_flex(torch.device("cpu"), 64)
     check_flex.cache_clear()
+
+
+def test_a_run_saved_before_the_comm_settings_resumes(tmp_path: Path) -> None:
+    """config.json of a run started before comm.* and universal_every existed: how the ranks
+    talk and how often the universal form is written may change on resume; what is trained not."""
+    from mdt_ds.config import to_dict
+    from mdt_ds.train import config_change
+
+    old = to_dict(TrainConfig())
+    old.pop("comm"), old.pop("universal_every")
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(old))
+    assert config_change(saved, apply_overrides(TrainConfig(), ["comm.timeout_min=90", "universal_every=1"])) is None
+    assert "changed: precision" in config_change(saved, apply_overrides(TrainConfig(), ["precision=bf16-amp"]))
+
+
+def test_diffusion_num_timesteps_reaches_training_grids_fid_and_sampling(tmp_path: Path) -> None:
+    """diffusion.num_timesteps is what the run trains on (t drawn below it) and what its grids,
+    in-training FID and mdt-sample sample with (it used to be 1000 everywhere but the grids)."""
+    from mdt_ds.grids import sample_options
+    from mdt_ds.tools.sample_inputs import trained_timesteps
+    from mdt_ds.trainer import training_objective
+
+    cfg = apply_overrides(TrainConfig(), ["diffusion.num_timesteps=100"])
+    objective = training_objective(cfg, torch.device("cpu"))
+    assert objective.diffusion.num_timesteps == 100
+    options = sample_options(cfg.diffusion, 10)
+    assert options.num_timesteps == 100 and options.diffusion().original_num_steps == 100
+    assert options.respacing() == list(range(0, 100, 10))  # DDIM-10 over 100 steps, not over 1000
+    run_config = tmp_path / "config.json"
+    run_config.write_text(json.dumps({"diffusion": {"num_timesteps": 100}}))
+    assert trained_timesteps(run_config) == 100 and trained_timesteps(None) == 1000
