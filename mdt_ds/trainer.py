@@ -315,8 +315,7 @@ class Trainer:
             if stop:
                 preempted = stop == "signal"
                 break
-            with self.clock.excluded():  # not training time: img/s and MFU leave it out
-                self._between_steps()
+            self._between_steps()
         # A preempted run resumes soon: its checkpoint carries the EMA, and an off-schedule
         # snapshot would push a scheduled one out of keep_snapshots.
         self.save(snapshot=not preempted, final=True)
@@ -334,17 +333,23 @@ class Trainer:
         }
 
     def _between_steps(self) -> None:
-        """The checkpoint, EMA snapshot, grid and FID evaluation due after this step."""
-        cfg = self.cfg
-        snapshot_due = bool(self.snapshot_every) and self.step % self.snapshot_every == 0
-        if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
-            self.save(snapshot=snapshot_due)
-        elif snapshot_due and self.step < cfg.steps:
-            self.snapshot()
-        if cfg.sample_every and self.step % cfg.sample_every == 0:
-            self.sample_grid()
-        if cfg.fid_every and self.step % cfg.fid_every == 0:
-            self.evaluate_fid()
+        """The checkpoint, EMA snapshot, grid and FID evaluation due after this step, outside the
+        step clock (img/s and MFU leave them out). A step with none due costs no device sync."""
+        cfg, step = self.cfg, self.step
+        snapshot_due = bool(self.snapshot_every) and step % self.snapshot_every == 0
+        due = []
+        if cfg.ckpt_every and step % cfg.ckpt_every == 0 and step < cfg.steps:
+            due.append(lambda: self.save(snapshot=snapshot_due))
+        elif snapshot_due and step < cfg.steps:
+            due.append(self.snapshot)
+        if cfg.sample_every and step % cfg.sample_every == 0:
+            due.append(self.sample_grid)
+        if cfg.fid_every and step % cfg.fid_every == 0:
+            due.append(self.evaluate_fid)
+        if due:
+            with self.clock.excluded():
+                for phase in due:
+                    phase()
 
     def final_summary(self, stop: str = "") -> str:
         """What a person wants at the end of a run: where it stands, why it stopped ("preempted",
