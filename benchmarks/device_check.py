@@ -1,52 +1,83 @@
-"""The prepared GPU device check: one script, at most about 5 minutes on one H200.
+"""The prepared GPU device check: one script, one shot of about 6 minutes on one H100 80 GB, the
+most valuable figures first, every part's JSON saved as it grows.
 
-    OUT=./device_out python benchmarks/device_check.py --parts a,b,c,d
-    python benchmarks/device_check.py --device cpu --quick --parts a     # the CPU-runnable logic
+    OUT=./device_out python benchmarks/device_check.py                # parts b, a, c, d
+    python benchmarks/device_check.py --device cpu --quick           # every part, tiny sizes, on a CPU
 
-Parts (each with its own time limit and try/except, each writing its own JSON under $OUT, so one
-failure loses nothing else; $OUT gets part_<x>.json and summary.json only, five files at most):
-  a  correctness: tiny MDTv2 CUDA vs CPU; bf16 vs fp32; flex vs SDPA forward and backward; a
-     1-GPU ZeRO-2 bf16 run of 20 steps through `mdt_ds.train` with a sample grid, a checkpoint at
-     step 10 and a resume, bit-exact under torch.use_deterministic_algorithms(True) with
-     CUBLAS_WORKSPACE_CONFIG=:4096:8 (its cost measured), within a tolerance otherwise
-  b  XL/2 bf16 training img/s, MFU and memory at micro-batch 32: best settings and release-like
-  c  the sampler's img/s for XL/2, 250-step DDPM with CFG, and the few-step solvers (DPM-Solver++(2M)
-     20 steps with and without interval guidance, Heun 10 steps)
-  d  SD-VAE (sd-vae-ft-mse architecture, random weights) encode img/s
+Parts, in this order, each with its own time limit (LIMITS_S: 355 s in all; device_check.sh sends
+SIGTERM at 370 s, on which the running part is saved and the rest skipped) and a try/except per
+check, so one failure loses nothing else. $OUT gets part_<x>.json (rewritten after every check or
+child, so a kill keeps what finished) and summary.json (after every part): five files, no folders
+(the device tool returns 8 files, 2 folders deep). Training runs, child JSON and stderr, and the one
+inductor cache that every child shares (TORCHINDUCTOR_CACHE_DIR, set once) live outside $OUT.
+
+  b  170 s  XL/2 training, micro-batch 32, the default precision (TrainConfig().precision: bf16),
+            model built on the GPU, one child per variant: `compile` first (step losses, dynamo's
+            graphs, compiles in warm-up vs timed steps, recompiles and their reasons), then
+            `eager` (its losses against compile's, step by step: step 1 is at adaLN-Zero init,
+            where the output is exactly zero, so only later steps can differ), then `release-like`
+            (fp32, explicit attention, micro-batch 16; per-image figures compare). Warm-up 2, timed
+            3; img/s, MFU against mdt_ds.monitor's datasheet peak (COMPUTE_DTYPES), peak memory
+            (torch.cuda.max_memory_allocated), the three largest costs of one profiled step; the
+            goal (>= 50% MFU, >= 375 img/s on one H100) beside the best measured variant.
+  a  140 s  correctness, in order: train-and-resume through `mdt_ds.train` (at most 80 s;
+            deterministic mode first, each mode saved as it ends; NaN there is rerun once with
+            torch.utils.deterministic.fill_uninitialized_memory off, to tell an uninitialised read
+            from a real divergence), CUDA vs CPU, pure bf16 and bf16-amp vs fp32 at XL/2 depth
+            (outputs and every gradient), the bias table's gradient at XL/2 width, masked pass,
+            batch 32: gathered from fp32 (now) vs cast to bf16 first (before) against float64,
+            compiled vs eager at three kept lengths (one a multiple of 8), fused Adan, the CUDA-only
+            paths, and flex vs SDPA at head dims 16 and 72 with whether check_flex refuses 72 (a
+            child process, started after train-and-resume and collected last).
+  c   25 s  sampler img/s, XL/2, batch 32, CFG 4: DDPM-250, DPM-Solver++(2M)-20 with and without
+            interval guidance, Heun-10; fp32/TF32 and bf16 autocast (10 steps timed, extrapolated).
+  d   20 s  SD-VAE (sd-vae-ft-mse architecture, random weights) encode img/s, fp32 and bf16.
+
+--quick (a CPU smoke test of every part): Tiny preset, batch 2, one timed step, fp32 training on a
+CPU (bf16 matmuls are emulated there); compile and the GPU-only checks report
+{"skipped": true, "reason": ...}.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import gc
 import os
-import random
 import signal
-import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
-PARTS = ("a", "b", "c", "d")
-# 320 s in all at most (device_check.sh stops everything at 330 s), so a failed first try leaves
-# device time for a second within the 15 minutes; typical runs end sooner.
-LIMITS_S = {"a": 130, "b": 140, "c": 30, "d": 20}
-# Tolerances (relative L2 error ||out - ref|| / ||ref||), stated in the JSON beside each value.
-TOL = {"cuda_vs_cpu_fp32": 1e-4, "bf16_vs_fp32": 3e-2, "flex_vs_sdpa_fwd": 2e-3, "flex_vs_sdpa_grad": 1e-2,
-       "resume_loss_rel": 1e-2}
-TRAIN = [  # the tiny run of part (a): mnist16 pixels, Tiny preset, ZeRO-2 bf16, one process
-    "model.preset=MDTv2-Tiny/2", "model.input_size=16", "model.in_channels=1", "data.source=mnist16",
-    "data.num_workers=0", "data.shuffle_buffer=64", "global_batch=8", "log_every=1", "ema_decay=0.9",
-    "optim.lr=1e-3", "zero_stage=2", "precision=bf16", "ckpt_every=10", "sample_every=10",
-]
+from device_common import (  # noqa: E402
+    REPO,
+    TOL,
+    PartTimeout,
+    Report,
+    guarded,
+    run_child,
+    skipped,
+    sync,
+    time_limit,
+    write_json,
+)
+
+PARTS = ("b", "a", "c", "d")  # the most valuable first: throughput, then correctness
+LIMITS_S = {"b": 170, "a": 140, "c": 25, "d": 20}
+A_RESUME_S = 80  # train_resume's share of part (a): the numerical checks after it must get their turn
+B_VARIANTS = ("compile", "eager", "release-like")
+# Seconds each part-(b) child leaves for those after it: a compile that runs long must not take
+# the eager and release-like figures with it.
+B_RESERVE_S = {"compile": 55, "eager": 25, "release-like": 0}
+GOAL = {"mfu_spec": 0.5, "images_per_s": 375.0, "what": "MDTv2-XL/2, bf16, one H100 (989 TFLOP/s dense bf16)"}
+C_CONFIGS = "ddpm250:4.0,dpm++2m20:4.0,dpm++2m20:4.0:0-500,heun10:4.0"
 SD_VAE_MSE_CONFIG = dict(  # stabilityai/sd-vae-ft-mse config.json (architecture only)
     in_channels=3, out_channels=3, latent_channels=4, sample_size=256, layers_per_block=2, norm_num_groups=32,
     block_out_channels=(128, 256, 512, 512), act_fn="silu",
@@ -54,344 +85,193 @@ SD_VAE_MSE_CONFIG = dict(  # stabilityai/sd-vae-ft-mse config.json (architecture
 )
 
 
-class PartTimeout(Exception):
-    """A part ran past its limit."""
+# --------------------------------------------------------------------------- part (b)
+def b_plan(quick: bool) -> dict:
+    if quick:
+        return {"preset": "MDTv2-Tiny/2", "batch": 2, "release_batch": 2, "steps": 1, "warmup": 1}
+    # release-like is fp32 with explicit attention: at 32, its activations and saved [B, H, L, L]
+    # scores would need about 90 GB by estimate (16: about half), beyond an H100's 80
+    return {"preset": "MDTv2-XL/2", "batch": 32, "release_batch": 16, "steps": 3, "warmup": 2}
 
 
-@contextmanager
-def time_limit(seconds: float):
-    """SIGALRM-based limit for the Python code of a part (subprocesses get their own timeouts)."""
-    def handler(signum, frame):
-        raise PartTimeout(f"ran past its {seconds:.0f} s limit")
-
-    old = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+def b_groups(cuda: bool, plan: dict) -> list[list[str]]:
+    """The variants each child runs. On a GPU each alone: a compile that runs long or crashes loses
+    only its own figure. On a CPU (nothing compiled) eager and release-like share one child, one
+    start-up less, when their micro-batches agree."""
+    if cuda or plan["batch"] != plan["release_batch"]:
+        return [[name] for name in B_VARIANTS]
+    return [["compile"], ["eager", "release-like"]]
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+def b_argv(names: list[str], plan: dict, precision: str) -> list[str]:
+    batch = plan["release_batch"] if names == ["release-like"] else plan["batch"]
+    argv = [str(REPO / "benchmarks" / "train_step.py"), "--preset", plan["preset"], "--precision", precision,
+            "--batch", str(batch), "--variants", ",".join(names), "--steps", str(plan["steps"]),
+            "--warmup", str(plan["warmup"])]
+    if names != ["release-like"]:  # one profiled step each: the largest costs
+        argv += ["--profile", "--profile-steps", "1", "--profile-warmup", "0"]
+    return argv
 
 
-def check(value: float, tol: float, **extra) -> dict:
-    return {"rel_err": value, "tol": tol, "ok": bool(value <= tol), **extra}
+def part_b(args: argparse.Namespace, device: torch.device, deadline: float, report: Report) -> None:
+    """A child per variant (model built on the GPU, the shared inductor cache), the summary saved
+    as soon as each child ends."""
+    from mdt_ds.config import TrainConfig
+
+    plan, cuda = b_plan(args.quick), device.type == "cuda"
+    # A CPU emulates bf16 matmuls (about 1 GFLOP/s on AVX2): fp32 there keeps the smoke test short.
+    precision = TrainConfig().precision if cuda else "fp32"
+    report.update(preset=plan["preset"], precision=precision, micro_batch=plan["batch"],
+                  release_like_micro_batch=plan["release_batch"], goal=GOAL)
+    runs: dict = {}
+    for names in b_groups(cuda, plan):
+        left = deadline - time.monotonic() - B_RESERVE_S[names[-1]]  # what the later groups need
+        if names == ["compile"] and not cuda and args.quick:
+            result = skipped("--quick on a CPU: inductor compiles an MDTv2 for minutes on this CPU")
+        elif left < 15:
+            result = skipped("part (b) time limit: too little left for this variant")
+        else:
+            argv, out = b_argv(names, plan, precision), args.work / f"train_step_{names[0]}.json"
+            result = guarded(lambda: run_child(argv, out, left))  # noqa: B023 - called at once
+        runs.update(dict.fromkeys(names, result))
+        report["runs"] = runs
+        report.put("summary", summarise_b(runs))
 
 
-def skipped(reason: str) -> dict:
-    return {"skipped": True, "reason": reason}
+def top(costs: dict | None, n: int = 3) -> dict:
+    return dict(list((costs or {}).items())[:n])
+
+
+def variant_row(name: str, run: dict) -> dict:
+    """The figures of one part-(b) child that the summary compares."""
+    v = (run.get("variants") or {}).get(name) or {}
+    if "images_per_s" not in v:
+        return {"error": v.get("error") or run.get("error") or run.get("reason") or "no result",
+                "skipped": bool(run.get("skipped"))}
+    row = {k: v.get(k) for k in ("images_per_s", "mfu_spec", "mfu_measured", "peak_memory_gb", "step_time_s",
+                                 "first_step_loss", "step_losses", "compiled_blocks", "phases_s")}
+    row.update(micro_batch=run.get("micro_batch"), ms_per_image=1e3 / v["images_per_s"], precision=v.get("precision"),
+               peak_source=(run.get("peaks") or {}).get(v.get("precision"), {}).get("spec_source"))
+    profile = v.get("profile") or {}
+    if profile:
+        row.update(largest_costs_ms=top(profile.get("top_ms")), largest_non_matmul_ms=top(profile.get("top_non_matmul_ms")),
+                   matmul_share=profile.get("matmul_share"))
+    if v.get("compile"):
+        row["dynamo"] = v.get("dynamo")
+    return row
+
+
+def compare_losses(rows: dict[str, dict]) -> dict:
+    """Compile's losses against eager's, step by step (same weights, batch and draws)."""
+    compiled, eager = (rows.get(n, {}).get("step_losses") or [] for n in ("compile", "eager"))
+    if not compiled or not eager:
+        return skipped("needs the losses of both compile and eager")
+    rels = [abs(c - e) / max(abs(e), 1e-12) for c, e in zip(compiled, eager)]
+    tol = TOL["first_loss_compile_vs_eager"]
+    return {"first_step": {"compile": compiled[0], "eager": eager[0], "rel_diff": rels[0], "tol": tol,
+                           "ok": rels[0] <= tol},
+            "first_step_note": "at adaLN-Zero init the network's output is exactly zero: step 1's loss is the same "
+                               "for any arithmetic, so only the later steps show compile-vs-eager differences "
+                               "(which include compile's fused Adan update; part (a)'s compiled_vs_eager compares outputs "
+                               "and gradients of perturbed weights)",
+            "rel_diff_per_step": rels, "max_rel_diff_after_step_1": max(rels[1:], default=None)}
+
+
+def summarise_b(runs: dict[str, dict]) -> dict:
+    """Per-variant figures, compile's first-step loss against eager's, the goal beside the best
+    measured variant, and the speed-up per image over the release-like run."""
+    rows = {name: variant_row(name, run) for name, run in runs.items()}
+    out: dict = {"variants": rows, "losses_compile_vs_eager": compare_losses(rows)}
+    timed = [n for n in ("compile", "eager") if "images_per_s" in rows.get(n, {})]
+    best = max(timed, key=lambda n: rows[n]["images_per_s"], default=None)
+    measured = None if best is None else {"variant": best, "images_per_s": rows[best]["images_per_s"],
+                                          "mfu_spec": rows[best]["mfu_spec"]}
+    out["goal_vs_measured"] = {"goal": GOAL, "measured": measured, "met": measured is not None and (
+        measured["mfu_spec"] >= GOAL["mfu_spec"] and measured["images_per_s"] >= GOAL["images_per_s"])}
+    release = rows.get("release-like", {})
+    if best is not None and "ms_per_image" in release:
+        out["best_over_release_like_per_image"] = release["ms_per_image"] / rows[best]["ms_per_image"]
+    return out
 
 
 # --------------------------------------------------------------------------- part (a)
-def tiny_model(attention: str = "sdpa", seed: int = 0) -> torch.nn.Module:
-    """MDTv2-Tiny/2 with every weight perturbed (adaLN-Zero alone would output zeros)."""
-    from mdt_ds.models import build_model
+def part_a(args: argparse.Namespace, device: torch.device, deadline: float, report: Report) -> None:
+    """The checks in order of value, each saved as soon as it is in; the flex child runs in the
+    background from the end of train_resume (its runs' timings stay undisturbed) to the end."""
+    import device_check_a as a
+    from device_check_train import check_resume
 
-    torch.manual_seed(seed)
-    model = build_model("MDTv2-Tiny/2", attention=attention)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    return model
-
-
-def tiny_inputs(batch: int = 4, seed: int = 2) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {"x": torch.randn(batch, 4, 8, 8, generator=gen), "t": torch.randint(0, 1000, (batch,), generator=gen),
-            "y": torch.randint(0, 10, (batch,), generator=gen), "mask_noise": torch.rand(batch, 16, generator=gen)}
-
-
-def both_passes(model: torch.nn.Module, inputs: dict, device: torch.device, dtype=None) -> list[torch.Tensor]:
-    """Full and masked pass (fixed masking: same kept tokens everywhere) on ``device``."""
-    x, t, y = (inputs[k].to(device) for k in ("x", "t", "y"))
-    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        full = model(x, t, y)
-        masked = model(x, t, y, enable_mask=True, mask_noise=inputs["mask_noise"].to(device), mask_ratio=0.4)
-    return [full.float(), masked.float()]
-
-
-def check_cuda_vs_cpu(device: torch.device) -> dict:
-    if device.type != "cuda":
-        return skipped("needs CUDA: compares the CUDA outputs with the CPU's")
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # true fp32 vs CPU
-    model, inputs = tiny_model().eval(), tiny_inputs()
-    with torch.no_grad():
-        ref = both_passes(model, inputs, torch.device("cpu"))
-        out = both_passes(model.to(device), inputs, device)
-    err = max(rel_err(o, r) for o, r in zip(out, ref))
-    return check(err, TOL["cuda_vs_cpu_fp32"], passes=["full", "masked"], precision="fp32, TF32 off")
-
-
-def check_bf16(device: torch.device) -> dict:
-    model, inputs = tiny_model().eval().to(device), tiny_inputs()
-    with torch.no_grad():
-        ref = both_passes(model, inputs, device)
-        out = both_passes(model, inputs, device, dtype=torch.bfloat16)
-    err = max(rel_err(o, r) for o, r in zip(out, ref))
-    return check(err, TOL["bf16_vs_fp32"], what="bf16 autocast vs fp32 on the same device, both passes")
-
-
-def check_flex(device: torch.device, quick: bool) -> dict:
-    """flex vs SDPA: forward (both passes) and, on CUDA, the parameter gradients."""
-    if quick and device.type != "cuda":
-        return skipped("--quick on CPU: flex compiles for tens of seconds; its CPU forward is tested in tests/")
-    # eval(): no label-dropout draws, which would differ between the two models (their forwards
-    # draw from the global generator one after the other); gradients still flow.
-    sdpa, flex = tiny_model("sdpa").to(device).eval(), tiny_model("flex").to(device).eval()
-    flex.load_state_dict(sdpa.state_dict())
-    inputs = tiny_inputs()
-    grad_ok = device.type == "cuda"  # FlexAttention has no backward on CPU (torch 2.14)
-    with torch.set_grad_enabled(grad_ok):
-        ref, out = both_passes(sdpa, inputs, device), both_passes(flex, inputs, device)
-    result = {"forward": check(max(rel_err(o, r) for o, r in zip(out, ref)), TOL["flex_vs_sdpa_fwd"])}
-    if not grad_ok:
-        result["backward"] = skipped("FlexAttention has no backward on CPU")
-        return result
-    sum(o.square().mean() for o in ref).backward()
-    sum(o.square().mean() for o in out).backward()
-    grads = [(p.grad, q.grad) for p, q in zip(flex.parameters(), sdpa.parameters()) if q.grad is not None]
-    flat_out, flat_ref = torch.cat([g.flatten() for g, _ in grads]), torch.cat([g.flatten() for _, g in grads])
-    result["backward"] = check(rel_err(flat_out, flat_ref), TOL["flex_vs_sdpa_grad"], what="all parameter grads")
-    return result
-
-
-def train_run(run_dir: Path, steps: int, deterministic: bool, timeout: float, extra: tuple[str, ...] = ()) -> dict:
-    """``python -m mdt_ds.train`` in a child process (deterministic mode switched on first)."""
-    prologue = "import sys, torch\n"
-    if deterministic:
-        prologue += "torch.use_deterministic_algorithms(True)\n"
-    code = prologue + "from mdt_ds.train import main\nsys.exit(main(sys.argv[1:]))\n"
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    if deterministic:
-        env["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
-    cmd = [sys.executable, "-c", code, *TRAIN, f"run_dir={run_dir}", f"steps={steps}", "force_resume=true", *extra]
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"training run failed ({proc.returncode}): {proc.stderr[-1500:]}")
-    stats = [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
-    return {"wall_s": time.perf_counter() - start, "stats": stats}
-
-
-def ema_state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "snapshots" / f"ema_{step:07d}.pt", map_location="cpu", weights_only=True)
-
-
-def median_step_time(stats: list[dict]) -> float:
-    times = sorted(float(s["step_time"]) for s in stats if "step_time" in s and int(s.get("step", 0)) > 2)
-    return times[len(times) // 2] if times else float("nan")
-
-
-def losses_by_step(stats: list[dict]) -> dict[int, float]:
-    return {int(s["step"]): float(s["loss"]) for s in stats if "loss" in s}
-
-
-def check_cuda_only_paths(device: torch.device) -> dict:
-    """What the suite skips on CPU: fused AdamW on CUDA parameters, and a training objective
-    step (device generator, float mask ratio) with no host sync and no device-to-host copy."""
-    if device.type != "cuda":
-        return skipped("needs CUDA: fused AdamW and device-to-host copies exist only there")
-    from mdt_ds.config import OptimConfig
-    from mdt_ds.diffusion import create_diffusion
-    from mdt_ds.diffusion.loss import MDTv2Loss
-    from mdt_ds.optim import build_optimizer
-    from mdt_ds.syncs import count_host_syncs
-
-    model = tiny_model().to(device).train()
-    opt = build_optimizer(model.parameters(), OptimConfig(name="adamw", betas=[0.9, 0.999]))
-    fused = bool(opt.param_groups[0].get("fused"))
-    objective = MDTv2Loss(create_diffusion().to(device), mask_ratio=0.3)
-    inputs = tiny_inputs()
-    x, y = inputs["x"].to(device), inputs["y"].to(device)
-    gen, host_rng = torch.Generator(device=device).manual_seed(0), random.Random(0)  # as the trainer draws
-    objective(model, x, y, gen, host_rng)  # warm-up (kernels, caches)
-    before = [p.detach().clone() for p in model.parameters()]
-    with count_host_syncs() as counter:
-        loss, _ = objective(model, x, y, gen, host_rng)
-        loss.backward()
-    opt.step()
-    moved = sum(not torch.equal(a, p.detach()) for a, p in zip(before, model.parameters()))
-    return {"fused_adamw": fused, "params_updated": moved, "host_syncs": counter.count,
-            "copies_to_host": counter.copies_to_host,
-            "ok": fused and moved > 0 and counter.count == 0 and counter.copies_to_host == 0}
-
-
-def check_fused_adan(device: torch.device, quick: bool) -> dict:
-    """Adan's fused update (one compiled kernel per flat partition: Triton on CUDA, C++ on CPU)
-    against the multi-tensor one: the same parameters after 4 steps, no host sync in a step
-    (CUDA's sync debug mode, which sees into compiled code; a dispatch-mode counter would make
-    dynamo fall back to eager), and the time per step of each on a flat partition of 2^26
-    elements on CUDA (2^20 on a CPU or in --quick)."""
-    from mdt_ds.optim import Adan
-
-    size = 1 << (20 if quick or device.type != "cuda" else 26)
-    gen = torch.Generator().manual_seed(0)
-    start = torch.randn(size, generator=gen).to(device)
-    grads = [torch.randn(size, generator=gen).to(device) for _ in range(4)]
-    out: dict = {"elements": size}
-    params = {}
-    for fused in (False, True):
-        p = torch.nn.Parameter(start.clone())
-        opt = Adan([p], lr=1e-2, weight_decay=0.05, foreach=True, fused=fused)
-        for g in grads[:-1]:
-            p.grad = g
-            opt.step()
-        p.grad = grads[-1]
-        sync_free = sync_free_step(opt.step, device)
-        params[fused] = p.detach().clone()
-        sync(device)
-        begin = time.perf_counter()
-        for _ in range(5):
-            opt.step()
-        sync(device)
-        out["fused" if fused else "multi_tensor"] = {"step_ms": (time.perf_counter() - begin) / 5 * 1e3,
-                                                     "sync_free": sync_free}
-    out["max_abs_diff"] = float((params[True] - params[False]).abs().max())
-    out["tol"] = 1e-5
-    out["ok"] = out["max_abs_diff"] <= out["tol"] and out["fused"]["sync_free"] is not False
-    return out
-
-
-def sync_free_step(step: Callable[[], object], device: torch.device) -> bool | None:
-    """Run ``step`` under CUDA's sync debug mode set to error: False if it synchronised with the
-    host, True if not, None where there is no device to synchronise with (a CPU)."""
-    if device.type != "cuda":
-        step()
-        return None
-    torch.cuda.set_sync_debug_mode("error")
+    resume_deadline = min(deadline, time.monotonic() + A_RESUME_S * args.limit_scale)
+    checks: list[tuple[str, Callable[[], dict]]] = [
+        ("train_resume", lambda: check_resume(args.work / "runs", args.quick, resume_deadline, report)),
+        ("cuda_vs_cpu", lambda: a.check_cuda_vs_cpu(device)),
+        ("bf16_vs_fp32_xl_depth", lambda: a.check_precisions(device, args.quick)),
+        ("bias_table_grad", lambda: a.check_bias_grad(device, args.quick)),
+        ("compiled_vs_eager", lambda: a.check_compiled(device, args.quick)),
+        ("fused_adan", lambda: a.check_fused_adan(device, args.quick)),
+        ("cuda_only_paths", lambda: a.check_cuda_only_paths(device)),
+        ("flex_vs_sdpa", lambda: flex.collect(deadline - time.monotonic()) if flex else {"error": flex_error}),
+    ]
+    flex, flex_error = None, "not started"
     try:
-        step()
-        return True
-    except RuntimeError as err:
-        if "synchroniz" not in str(err):
-            raise
-        return False
+        for name, fn in checks:
+            report.put(name, guarded(fn))
+            if name == "train_resume":
+                try:
+                    flex = a.start_flex_child(args.work, device)
+                except OSError as err:
+                    flex_error = f"the flex child did not start: {err}"
+            empty_cache(device)
+    except PartTimeout as err:  # keep what finished, mark the rest, let the driver record the part's end
+        partial = report.get(name)
+        if isinstance(partial, dict) and partial:  # train_resume saves its modes as they end
+            partial["error"] = f"stopped during this check: {err}"
+        else:
+            report[name] = {"error": f"stopped during this check: {err}"}
+        report.update({rest: skipped(f"not reached: {err}") for rest, _ in checks if rest not in report})
+        report.save()
+        raise
     finally:
-        torch.cuda.set_sync_debug_mode("default")
+        if flex is not None:
+            flex.kill()
 
 
-def check_resume(work: Path, device: torch.device, quick: bool, deadline: float) -> dict:
-    """20 steps straight vs 10 + resume to 20, deterministic and normal: losses and EMA."""
-    if quick:
-        return skipped("--quick: five training runs; the trainer's tests cover resume on CPU")
-    out: dict = {}
-    for mode in ("deterministic", "normal"):
-        det = mode == "deterministic"
-        left = lambda: max(1.0, deadline - time.monotonic())  # noqa: E731 - past the deadline: fail fast
-        straight = train_run(work / f"{mode}_straight", 20, det, left())
-        train_run(work / f"{mode}_resumed", 10, det, left())
-        resumed = train_run(work / f"{mode}_resumed", 20, det, left())
-        a, b = losses_by_step(straight["stats"]), losses_by_step(resumed["stats"])
-        shared = sorted(set(a) & set(b) & set(range(11, 21)))
-        ea, eb = ema_state(work / f"{mode}_straight", 20), ema_state(work / f"{mode}_resumed", 20)
-        loss_rel = max(abs(a[s] - b[s]) / max(abs(a[s]), 1e-12) for s in shared) if shared else float("nan")
-        out[mode] = {
-            "steps_compared": shared, "max_loss_rel_diff": loss_rel,
-            "ema_bit_exact": all(torch.equal(ea[k], eb[k]) for k in ea),
-            "ema_max_abs_diff": max(float((ea[k].float() - eb[k].float()).abs().max()) for k in ea),
-            "straight_wall_s": straight["wall_s"],
-            "median_step_time_s": median_step_time(straight["stats"]),
-            "grid": (work / f"{mode}_straight" / "samples" / "step_0000010.png").is_file(),
-            "checkpoint": any((work / f"{mode}_resumed").rglob("step_0000010*")),
-            "last_stats": straight["stats"][-1],
-        }
-    d, n = out["deterministic"], out["normal"]
-    d["ok"] = d["ema_bit_exact"] and d["max_loss_rel_diff"] == 0.0
-    n["tol"] = TOL["resume_loss_rel"]
-    n["ok"] = n["max_loss_rel_diff"] <= TOL["resume_loss_rel"]
-    out["deterministic_cost"] = {
-        "wall_ratio_det_over_normal": d["straight_wall_s"] / n["straight_wall_s"],
-        "step_time_ratio_det_over_normal": d["median_step_time_s"] / n["median_step_time_s"],
-        "note": "wall: whole 20-step runs incl. start-up; step time: median of stats.jsonl step_time, steps 3-20",
-    }
-    return out
+def empty_cache(device: torch.device) -> None:
+    """Hand cached GPU memory back between checks and parts: children started later need it."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
-def part_a(args: argparse.Namespace, device: torch.device, deadline: float) -> dict:
-    checks: dict[str, Callable[[], dict]] = {
-        "cuda_vs_cpu": lambda: check_cuda_vs_cpu(device),
-        "bf16_vs_fp32": lambda: check_bf16(device),
-        "flex_vs_sdpa": lambda: check_flex(device, args.quick),
-        "cuda_only_paths": lambda: check_cuda_only_paths(device),
-        "fused_adan": lambda: check_fused_adan(device, args.quick),
-        "train_resume": lambda: check_resume(args.work / "runs", device, args.quick, deadline),
-    }
-    out: dict = {}
-    for name, fn in checks.items():
-        if name in out:
-            continue
-        try:
-            out[name] = guarded(fn)
-        except PartTimeout as err:  # keep what finished; the rest would not fit either
-            out[name] = {"error": f"part (a) time limit reached during this check: {err}"}
-            out.update({rest: skipped("part (a) time limit reached") for rest in checks if rest not in out})
-    return out
-
-
-# --------------------------------------------------------------------------- parts (b)-(d)
-def bench(script: str, argv: list[str], out: Path, timeout: float) -> dict:
-    """Run a benchmark script in a child process; its JSON (or the error) comes back."""
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    cmd = [sys.executable, str(REPO / "benchmarks" / script), *argv, "--out", str(out)]
-    try:
-        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s", "cmd": cmd}
-    if proc.returncode != 0 or not out.is_file():
-        return {"error": f"exit {proc.returncode}: {proc.stderr[-1500:]}", "cmd": cmd}
-    return json.loads(out.read_text())
-
-
-def part_b(args: argparse.Namespace, device: torch.device, deadline: float) -> dict:
-    """One child per variant (a compile that runs long loses only its own figure)."""
-    preset, batch, steps = ("MDTv2-Tiny/2", 2, 1) if args.quick else ("MDTv2-XL/2", 32, 5)
-    variants = ["eager", "release-like", "compile", "compile-flex"] if device.type == "cuda" else ["eager"]
-    out = {}
-    for name in variants:
+# --------------------------------------------------------------------------- parts (c), (d)
+def part_c(args: argparse.Namespace, device: torch.device, deadline: float, report: Report) -> None:
+    """The sampler benchmark in a child per precision. A few steps per setting are timed and the
+    rate extrapolated to the full count (the JSON says so): 250 steps twice would not fit."""
+    preset, batch = ("MDTv2-Tiny/2", 2) if args.quick else ("MDTv2-XL/2", 32)
+    argv = [str(REPO / "benchmarks" / "sampler.py"), "--preset", preset, "--batch-size", str(batch),
+            "--images", str(batch), "--configs", C_CONFIGS, "--repeats", "1", "--device", str(device),
+            "--time-steps", "2" if args.quick else "10"]
+    report.update(preset=preset, batch=batch, cfg_scale=4.0)
+    for i, (name, extra) in enumerate((("fp32_tf32", []), ("bf16_autocast", ["--autocast", "bf16"]))):
         left = deadline - time.monotonic()
-        if left < 20:
-            out[name] = skipped("part (b) time limit reached")
-            continue
-        argv = ["--preset", preset, "--precision", "bf16", "--batch", str(batch), "--variants", name,
-                "--steps", str(steps), "--warmup", "1" if args.quick else "3"]
-        out[name] = bench("train_step.py", argv, args.work / f"train_step_{name}.json", left)
-    return out
+        share = left * 0.55 if i == 0 else left  # the first must leave the second its turn
+        out = args.work / f"sampler_{name}.json"
+        report.put(name, guarded(lambda: run_child(argv + extra, out, share)) if share > 5  # noqa: B023
+                   else skipped("part (c) time limit reached"))
 
 
-def part_c(args: argparse.Namespace, device: torch.device, deadline: float) -> dict:
-    preset = "MDTv2-Tiny/2" if args.quick else "MDTv2-XL/2"
-    configs = "ddpm250:4.0,dpm++2m20:4.0,dpm++2m20:4.0:0-500,heun10:4.0"
-    argv = ["--preset", preset, "--batch-size", "8", "--images", "8", "--configs", configs,
-            "--repeats", "1" if args.quick else "2", "--device", str(device)]
-    # Time a few steps and extrapolate to 250 (the JSON says so): a full 250-step run twice
-    # would not fit the part's limit.
-    argv += ["--time-steps", "5" if args.quick else "50"]
-    out = {}
-    for name, extra in (("fp32_tf32", []), ("bf16_autocast", ["--autocast", "bf16"])):
-        left = deadline - time.monotonic()
-        out[name] = bench("sampler.py", argv + extra, args.work / f"sampler_{name}.json", left) if left > 5 \
-            else skipped("part (c) time limit reached")
-    return out
-
-
-def part_d(args: argparse.Namespace, device: torch.device, deadline: float) -> dict:
+def part_d(args: argparse.Namespace, device: torch.device, deadline: float, report: Report) -> None:
     """Encode throughput of the SD-VAE architecture (random weights), fp32 (the default for
     extraction) and bf16, 256x256 images."""
     from diffusers import AutoencoderKL
 
     batch, size, reps = (2, 64, 1) if args.quick else (32, 256, 5)
-    config = dict(SD_VAE_MSE_CONFIG, sample_size=size)
+    # --quick: the same blocks, 32 channels wide (the full 84M parameters take seconds to build on a CPU)
+    widths = dict(block_out_channels=(32,) * 4, norm_num_groups=8) if args.quick else {}
     torch.manual_seed(0)
-    vae = AutoencoderKL(**config).to(device).eval()
+    vae = AutoencoderKL(**dict(SD_VAE_MSE_CONFIG, sample_size=size, **widths)).to(device).eval()
     x = torch.rand(batch, 3, size, size, device=device) * 2 - 1
-    out = {"batch": batch, "image_size": size, "params": sum(p.numel() for p in vae.parameters())}
+    report.update(batch=batch, image_size=size, params=sum(p.numel() for p in vae.parameters()))
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         model = vae.to(dtype)
         with torch.no_grad():
@@ -401,31 +281,16 @@ def part_d(args: argparse.Namespace, device: torch.device, deadline: float) -> d
             for _ in range(reps):
                 latents = model.encode(x.to(dtype)).latent_dist.mean
             sync(device)
-        out[f"{name}_images_per_s"] = batch * reps / (time.perf_counter() - start)
-        out["latent_shape"] = list(latents.shape)
-    return out
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        report["latent_shape"] = list(latents.shape)
+        report.put(f"{name}_images_per_s", batch * reps / (time.perf_counter() - start))
 
 
 # --------------------------------------------------------------------------- driver
-def guarded(fn: Callable[[], dict]) -> dict:
-    try:
-        return fn()
-    except PartTimeout:
-        raise
-    except Exception as err:  # noqa: BLE001 - one failed check must not lose the others
-        return {"error": f"{type(err).__name__}: {str(err)[:1500]}", "traceback": traceback.format_exc()[-2000:]}
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="a,b,c,d", help="comma list of a,b,c,d")
+    p.add_argument("--parts", default=",".join(PARTS), help="comma list of b,a,c,d (run in that order)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="tiny sizes (a CPU smoke test of the logic)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a CPU smoke test of every part)")
     p.add_argument("--limit-scale", type=float, default=1.0, help="multiply every part's time limit")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "device_out"))
     args = p.parse_args(argv)
@@ -433,12 +298,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [x for x in parts if x not in PARTS]
     if bad or not parts:
         p.error(f"--parts: unknown {bad}; choose from {','.join(PARTS)}")
-    args.parts = [x for x in PARTS if x in parts]  # fixed order: correctness first
+    args.parts = [x for x in PARTS if x in parts]  # fixed order: the most valuable first
     return args
 
 
 def environment(device: torch.device) -> dict:
-    info = {"torch": torch.__version__, "python": sys.version.split()[0], "device": str(device)}
+    info = {"torch": torch.__version__, "python": sys.version.split()[0], "device": str(device),
+            "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR")}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(name=props.name, memory_gib=props.total_memory / 2**30, capability=[props.major, props.minor])
@@ -451,32 +317,56 @@ def environment(device: torch.device) -> dict:
     return info
 
 
+def run_part(part: str, args: argparse.Namespace, device: torch.device, runner: Callable) -> Report:
+    """One part under its time limit; its report, saved, whatever happened."""
+    report = Report(args.out / f"part_{part}.json")
+    limit = LIMITS_S[part] * args.limit_scale
+    start = time.monotonic()
+    try:
+        with time_limit(limit):
+            returned = runner(args, device, start + limit - 5, report)
+        if isinstance(returned, dict) and returned is not report:
+            report.update(returned)
+    except PartTimeout as err:
+        report["error"] = f"part {part} {err}"
+    except Exception as err:  # noqa: BLE001 - keep the other parts
+        report.update(error=f"{type(err).__name__}: {str(err)[:1500]}", traceback=traceback.format_exc()[-2000:])
+    report["seconds"] = time.monotonic() - start
+    report.save()
+    empty_cache(device)
+    return report
+
+
+def on_sigterm(signum, frame) -> None:  # noqa: ANN001 - signal's API
+    raise PartTimeout("terminated (SIGTERM: the outer timeout)")
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    # Training runs and child JSON stay outside $OUT: the device tool returns at most 8 files.
-    import tempfile
-
+    # Training runs, child JSON and caches stay outside $OUT: the device tool returns at most 8 files.
     args.work = Path(tempfile.mkdtemp(prefix="mdt_device_check_"))
+    # ONE inductor (and Triton) cache for this process and every child, set before anything
+    # compiles: what one child compiled is a cache hit for the next.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(args.work / "inductor_cache"))
     device = torch.device(args.device)
     runners = {"a": part_a, "b": part_b, "c": part_c, "d": part_d}
-    summary: dict = {"environment": environment(device), "parts": args.parts, "quick": args.quick,
-                     "tolerances": TOL, "limits_s": {k: LIMITS_S[k] * args.limit_scale for k in args.parts}}
-    for part in args.parts:
-        limit = LIMITS_S[part] * args.limit_scale
-        start = time.monotonic()
-        try:
-            with time_limit(limit):
-                result = runners[part](args, device, start + limit - 5)
-        except PartTimeout as err:
-            result = {"error": f"part {part} {err}"}
-        except Exception as err:  # noqa: BLE001 - keep the other parts
-            result = {"error": f"{type(err).__name__}: {str(err)[:1500]}", "traceback": traceback.format_exc()[-2000:]}
-        result["seconds"] = time.monotonic() - start
-        (args.out / f"part_{part}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-        summary[part] = result
-        print(f"part {part}: {result['seconds']:.1f} s -> {args.out / f'part_{part}.json'}", flush=True)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    summary: dict = {"environment": environment(device), "parts": args.parts, "quick": args.quick, "tolerances": TOL,
+                     "limits_s": {k: LIMITS_S[k] * args.limit_scale for k in args.parts}, "work_dir": str(args.work)}
+    old = signal.signal(signal.SIGTERM, on_sigterm)  # the outer timeout: save, then stop
+    terminated = False
+    try:
+        for part in args.parts:
+            if terminated:
+                summary[part] = skipped("terminated before this part")
+                continue
+            summary[part] = dict(run_part(part, args, device, runners[part]))
+            terminated = "SIGTERM" in str(summary[part].get("error", ""))
+            write_json(args.out / "summary.json", summary)  # after every part: a kill keeps it
+            print(f"part {part}: {summary[part]['seconds']:.1f} s -> {args.out / f'part_{part}.json'}", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    write_json(args.out / "summary.json", summary)
     return summary
 
 

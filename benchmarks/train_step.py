@@ -14,10 +14,12 @@ ops, and optionally the MDT release's own model timed alternately with ours.
 
 Variants (dotted overrides over the base run): eager (sdpa, no compile), compile (blocks and
 Adan's update), compile-adan-unfused (blocks only), flex, compile-flex, explicit, release-like
-(explicit attention, fp32, no compile: how the release trains; on a CPU eager trains with the
-explicit form too, so in fp32 the two are the same computation). Synthetic latents; both passes
-of the MDTv2 objective; Adan as in the paper. Prints one JSON object (rank 0) and writes it to
---out if given.
+(explicit attention, fp32, no compile: how the release trains). Synthetic latents; both passes
+of the MDTv2 objective; Adan as in the paper. Each variant also reports the loss of every warm-up
+and timed step (same weights, batch and draws in every variant: compile's against eager's) and
+dynamo's compiles in warm-up and in the timed steps, with its recompiles. MFU peaks are those of
+the dtype the matmuls run in (mdt_ds.engine.COMPUTE_DTYPES: bf16 for bf16-amp). Prints one JSON
+object (rank 0) and writes it to --out if given.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import random
 import resource
@@ -45,7 +48,7 @@ from mdt_ds.config import ConfigError, TrainConfig, apply_overrides  # noqa: E40
 from mdt_ds.diffusion import create_diffusion  # noqa: E402
 from mdt_ds.diffusion.loss import MDTv2Loss  # noqa: E402
 from mdt_ds.ema import ShardedEMA  # noqa: E402
-from mdt_ds.engine import PRECISION_DTYPES, build_engine  # noqa: E402
+from mdt_ds.engine import COMPUTE_DTYPES, PRECISION_DTYPES, build_engine  # noqa: E402
 from mdt_ds.hostmem import HeapPeak  # noqa: E402
 from mdt_ds.models.flops import count_params, train_macs_per_image  # noqa: E402
 from mdt_ds.monitor import device_name, measure_peak_flops, memory_gb  # noqa: E402
@@ -114,13 +117,15 @@ class Runner:
     def model_fn(self, xt: torch.Tensor, t: torch.Tensor, **kw) -> torch.Tensor:
         return self.engine(xt.to(self.dtype), t, **kw).float()
 
-    def step(self) -> None:
-        """One training step as the trainer runs it: objective, backward, step, EMA."""
+    def step(self) -> torch.Tensor:
+        """One training step as the trainer runs it: objective, backward, step, EMA. Returns the
+        loss, detached, on the device (reading it would sync)."""
         loss, _ = self.objective(self.model_fn, self.x, self.y, self.generator, self.host_rng)
         self.engine.backward(loss)
         self.engine.step()
         self.ema.update(self.steps)
         self.steps += 1
+        return loss.detach()
 
     def counted_step(self) -> dict[str, int]:
         """The same step with host syncs counted per part (a dispatch mode: not timed)."""
@@ -168,19 +173,68 @@ class Runner:
         return sum(bool(getattr(b, "_mdt_compiled", False)) for b in blocks)  # marked by compile_blocks
 
 
+class RecompileLog(logging.Handler):
+    """Counts dynamo's recompilations (its "recompiles" log artifact, switched on while in use)
+    and keeps the first few reasons."""
+
+    def __init__(self, keep: int = 6):
+        super().__init__()
+        self.count, self.reasons, self.keep = 0, [], keep
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.count += 1
+        if len(self.reasons) < self.keep:
+            self.reasons.append(" ".join(record.getMessage().split())[:300])
+
+    @staticmethod
+    def logger() -> logging.Logger:
+        from torch._dynamo import guards  # where dynamo defines its "recompiles" log artifact
+
+        return getattr(guards, "recompiles_log", None) or logging.getLogger("torch._dynamo.guards.__recompiles")
+
+    def __enter__(self) -> "RecompileLog":
+        torch._logging.set_logs(recompiles=True)
+        self.logger().addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger().removeHandler(self)
+        torch._logging.set_logs()
+
+
+def dynamo_counts() -> dict[str, int]:
+    """Dynamo's process-wide counters: frames compiled, distinct graphs, graph breaks."""
+    from torch._dynamo.utils import counters
+
+    return {"frames_compiled": int(counters["frames"]["ok"]), "unique_graphs": int(counters["stats"]["unique_graphs"]),
+            "graph_breaks": int(sum(counters["graph_break"].values()))}
+
+
+def counts_since(before: dict[str, int]) -> dict[str, int]:
+    return {k: v - before[k] for k, v in dynamo_counts().items()}
+
+
 def time_variant(runner: Runner, args: argparse.Namespace) -> dict:
-    """Warm up, then time plain steps (no inner syncs) and phased steps (synced per part)."""
-    for _ in range(args.warmup):
-        runner.step()
-    sync(runner.device)
-    times = []
-    faults_before = minor_faults()
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        runner.step()
+    """Warm up, then time plain steps (no inner syncs) and phased steps (synced per part). Dynamo's
+    compiles are counted over warm-up and the timed steps apart: a compile in a timed step means
+    a shape (the masked pass's kept length) was not dynamic after all."""
+    start_counts = dynamo_counts()
+    losses = []  # same weights, batch and draws in every variant: compile's losses vs eager's
+    with RecompileLog() as recompiles:
+        for _ in range(args.warmup):
+            losses.append(runner.step())
         sync(runner.device)
-        times.append(time.perf_counter() - start)
-    faults = (minor_faults() - faults_before) / max(1, args.steps)
+        warm_counts = dynamo_counts()
+        times = []
+        faults_before = minor_faults()
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            losses.append(runner.step())
+            sync(runner.device)
+            times.append(time.perf_counter() - start)
+        faults = (minor_faults() - faults_before) / max(1, args.steps)
+    dynamo = {"warmup": {k: v - start_counts[k] for k, v in warm_counts.items()}, "timed_steps": counts_since(warm_counts),
+              "recompiles": recompiles.count, "recompile_reasons": recompiles.reasons}
     phases = [runner.phased_step() for _ in range(args.steps)]
     return {
         "step_time_s": statistics.median(times), "step_times_s": times,
@@ -188,6 +242,11 @@ def time_variant(runner: Runner, args: argparse.Namespace) -> dict:
         "host_page_faults_per_step": faults,
         "phases_s": {k: statistics.median(p[k] for p in phases) for k in PHASES},
         "host_syncs_per_step": runner.counted_step(),
+        # Step 1 runs at adaLN-Zero init: the output is exactly zero, so its loss is the same for any
+        # arithmetic; the later steps' losses carry the differences.
+        "step_losses": [float(v) for v in losses],
+        "first_step_loss": float(losses[0]) if losses else None,
+        "dynamo": dynamo,
     }
 
 
@@ -319,9 +378,11 @@ def profile_step(runner: Runner) -> dict:
     total = sum(us for _, us in rows) or 1.0
     matmul = sum(us for k, us in rows if is_matmul(k))
     others = sorted(((k, us) for k, us in rows if not is_matmul(k)), key=lambda r: -r[1])[:12]
+    largest = sorted(rows, key=lambda r: -r[1])[:12]
     return {
         "time_base": "self device time" if cuda else "self CPU time", "total_ms": total / 1e3,
         "matmul_share": matmul / total, "non_matmul_share": 1 - matmul / total,
+        "top_ms": {k: us / 1e3 for k, us in largest},  # every op, matmuls included
         "top_non_matmul_ms": {k: us / 1e3 for k, us in others}, "host_page_faults": faults,
     }
 
@@ -347,7 +408,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="MDTv2-S/2")
     p.add_argument("--zero-stage", type=int, default=2)
-    p.add_argument("--precision", default="fp32", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--precision", default="fp32", choices=["bf16", "bf16-amp", "fp16", "fp32"])
     p.add_argument("--batch", type=int, default=8, help="micro-batch per process")
     p.add_argument("--ac", default="none", help="activation_checkpointing: none/encoder/all/N/'0,3,5'")
     p.add_argument("--optim", default="adan")
@@ -389,7 +450,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     peaks = {}
     for prec in {args.precision, "fp32"} if "release-like" in args.variants else {args.precision}:
-        dtype = PRECISION_DTYPES[prec]
+        dtype = COMPUTE_DTYPES[prec]  # what the matmuls run in (bf16-amp: bf16 under autocast)
         measured = measured_peak(device, dtype, args.quick)
         spec, source = spec_peak(device, dtype, measured)
         peaks[prec] = {"spec_flops": spec, "spec_source": source, "measured_flops": measured}
