@@ -15,8 +15,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from device_common import TOL, Child, Report, check, guarded, rel_err, skipped, sync  # noqa: E402
+
+from mdt_ds.metrics.inception import no_tf32  # noqa: E402
 
 XL_DEPTH4 = dict(depth=4, decode_layer=2)  # XL/2's width and head dim (72) with every block kind, 4 blocks
 
@@ -117,23 +118,12 @@ def grad_errors(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], to
             "worst": {names[i]: float(per[i]) for i in worst}, "tensors": len(names), "missing": len(ref) - len(names)}
 
 
-@contextmanager
-def exact_fp32() -> Iterator[None]:
-    """TF32 off for fp32 matmuls and convolutions, restored after (part (d) times fp32 with TF32 on)."""
-    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
 # --------------------------------------------------------------------------- the checks
 def check_cuda_vs_cpu(device: torch.device) -> dict:
     if device.type != "cuda":
         return skipped("needs CUDA: compares the CUDA outputs with the CPU's")
     model, inputs = tiny_model().eval(), tiny_inputs()
-    with torch.no_grad(), exact_fp32():
+    with torch.no_grad(), no_tf32():
         ref = both_passes(model, inputs, torch.device("cpu"))
         out = both_passes(model.to(device), inputs, device)
     err = max(rel_err(o, r) for o, r in zip(out, ref))
@@ -151,7 +141,7 @@ def check_precisions(device: torch.device, quick: bool) -> dict:
     model = build_model(preset, device=device).eval()  # eval: no label-dropout draws to differ
     perturb_zero_init(model)
     inputs = model_inputs(model, batch, device)
-    with exact_fp32():
+    with no_tf32():
         ref_outs, ref_grads = passes_and_grads(model, inputs)
         amp_outs, amp_grads = passes_and_grads(model, inputs, autocast=True)
     model.zero_grad(set_to_none=True)
