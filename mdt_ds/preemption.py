@@ -1,7 +1,9 @@
-"""Graceful stop on SIGUSR1 / SIGTERM (Slurm's warning signal, preemption, scancel).
+"""Graceful stop on SIGUSR1 / SIGTERM (Slurm's warning signal, preemption, scancel) and on a
+first Ctrl-C (SIGINT).
 
 The handler only sets a flag; the trainer reads it at the next step boundary, all ranks agree,
-a checkpoint is written collectively, and control returns to the launcher, which requeues."""
+a checkpoint is written collectively, and control returns to the launcher, which requeues. A
+second Ctrl-C stops at once (KeyboardInterrupt), without a checkpoint."""
 
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)  # what arm_early records before training starts
+STOP_SIGNALS = (*SIGNALS, signal.SIGINT)
 
 
 class StopFlag:
@@ -22,10 +25,17 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.interrupts = 0  # Ctrl-Cs so far: the second one stops at once
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.signal is None:
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt
+            log.warning("Ctrl-C: finishing this step, then a checkpoint and exit 3 (rerun to resume); "
+                        "Ctrl-C again stops at once, without a checkpoint")
+        elif self.signal is None:
             log.warning("received %s: stopping at the next step boundary", signal.Signals(signum).name)
         self.signal = signum
 
@@ -36,7 +46,7 @@ class StopFlag:
                 "received %s before training started: stopping at the first step boundary", signal.Signals(early).name
             )
             self.signal = early
-        for sig in SIGNALS:
+        for sig in STOP_SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. some notebook runners): no handler

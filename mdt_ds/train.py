@@ -22,6 +22,7 @@ log = logging.getLogger("mdt_ds.train")
 
 EXIT_PREEMPTED = 3
 EXIT_USAGE = 2  # a user error, named in one line
+EXIT_INTERRUPTED = 130  # stopped at once by a second Ctrl-C (the shell's 128 + SIGINT)
 # Keys that may change between a run and its resume (how long and how chatty, not what).
 # run_dir is where a run lives, not what it is: a moved run directory resumes.
 RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "sample_every", "force_resume", "max_bad_steps", "init_from",
@@ -148,7 +149,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     """``mdt-train``: 0 done, 1 failed (non-finite loss, a checkpoint that could not be written), 2
-    a user error named in one line (config, data, a checkpoint file refused or unreadable), 3 preempted (a checkpoint was written; rerun to resume).
+    a user error named in one line (config, data, a checkpoint file refused or unreadable), 3 preempted or
+    stopped by a first Ctrl-C (a checkpoint was written; rerun to resume), 130 stopped at once by a second Ctrl-C.
     Under ``mdt-launch`` the code is also written to the supervisor's exit folder, since torchrun
     reports any worker failure as 1 and the launchers kill the other ranks."""
     from mdt_ds import preemption
@@ -203,7 +205,7 @@ def _report(err: Exception) -> None:
 
 def _main(argv: list[str] | None) -> int:
     args, overrides = parse_args(argv)
-    finished = False
+    finished, cfg = False, None
     try:
         cfg = load_config(args.config, overrides)
         if args.dry_run:
@@ -216,6 +218,11 @@ def _main(argv: list[str] | None) -> int:
             return 0
         result = train(cfg)
         finished = True
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one checkpoints: preemption.StopFlag)
+        where = f" in {cfg.run_dir}" if cfg is not None else ""
+        print(f"mdt-train: stopped at once (Ctrl-C twice), without a checkpoint of the last steps; rerun to resume "
+              f"from the latest checkpoint{where}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as err:
         codes = [code for kind, code in _user_errors().items() if isinstance(err, kind)]
         if not codes:

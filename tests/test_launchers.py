@@ -79,7 +79,10 @@ def preempt_through(
                     and int(Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1]) == proc.pid
                 ]
                 victim = launchers[0]
-            os.kill(victim, sig)
+            if target == "group":  # a Ctrl-C in a terminal: every process of the foreground group
+                os.killpg(proc.pid, sig)
+            else:
+                os.kill(victim, sig)
             rc = proc.wait(timeout=max(1.0, deadline - time.monotonic()))
             while any(alive(pid) for pid in seen) and time.monotonic() < deadline:  # orphans of a bare launcher
                 time.sleep(0.2)
@@ -140,3 +143,19 @@ def test_bare_torchrun_killed_by_usr1_leaves_no_worker_training(tmp_path: Path) 
     assert rc == 128 + signal.SIGUSR1 or rc == -signal.SIGUSR1, output[-3000:]
     assert not [pid for pid in seen if alive(pid)], output[-3000:]
     assert sorted((run_dir / "checkpoints").glob("step_*/meta.json")), output[-3000:]
+
+
+@pytest.mark.parametrize("supervised", [True, False], ids=["mdt-launch", "bare torchrun"])
+def test_ctrl_c_checkpoints_through_the_launchers(tmp_path: Path, supervised: bool) -> None:
+    """Ctrl-C (SIGINT to the whole foreground group): the workers finish their step, agree,
+    checkpoint and end; no KeyboardInterrupt traceback of a worker. mdt-launch exits 3 (rerun to
+    resume); bare torchrun reports its own SIGINT, but its workers' checkpoint is there."""
+    run_dir = tmp_path / "run"
+    rc, output, seen = preempt_through(torchrun_launcher(), run_dir, sig=signal.SIGINT, target="group",
+                                       supervised=supervised)
+    assert not [line for line in output.splitlines() if line.startswith("[rank") and "KeyboardInterrupt" in line]
+    if supervised:
+        assert_preempted(rc, output, run_dir, seen)
+    else:
+        assert sorted((run_dir / "checkpoints").glob("step_*/meta.json")), output[-3000:]
+        assert not [pid for pid in seen if alive(pid)], output[-3000:]

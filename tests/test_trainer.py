@@ -259,6 +259,48 @@ def test_signal_stops_at_step_boundary_and_resume_matches(tmp_path: Path) -> Non
     assert losses(run) == losses(tmp_path / "full")
 
 
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_checkpoints_once_and_stops_at_once_twice(tmp_path: Path, presses: int) -> None:
+    """Ctrl-C reaches the whole foreground group (here the trainer and its data-loader worker):
+    the first finishes the step, checkpoints and exits 3 ("rerun to resume"); a second one stops
+    at once, exit 130, in one line. No traceback either way; the worker keeps feeding the steps
+    (the stop is agreed only every 100 steps here, so the second press lands before it)."""
+    run, log = tmp_path / "run", tmp_path / "stderr.log"
+    cmd = [PYTHON, "-m", "mdt_ds.train", *TINY, f"run_dir={run}", "data.num_workers=1", "steps=100000",
+           "ckpt_every=0", "zero_stage=2", "precision=fp32", "log_every=100", "stop_check_every=100"]
+
+    def wait_for(text: str) -> None:
+        deadline = time.time() + 180
+        while text not in log.read_text():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.05)
+
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, env=child_env(), stdout=subprocess.DEVNULL, stderr=err, cwd=REPO,
+                                start_new_session=True)
+    try:
+        wait_for("starts at step 0")
+        time.sleep(1.0)  # some steps in
+        os.killpg(proc.pid, signal.SIGINT)
+        if presses == 2:
+            wait_for("Ctrl-C: finishing this step")  # a person's second press, after the first was taken
+            os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "Traceback" not in text, text[-3000:]
+    assert "Ctrl-C: finishing this step, then a checkpoint and exit 3 (rerun to resume)" in text
+    if presses == 1:
+        assert proc.returncode == 3, text[-3000:]
+        assert list((run / "checkpoints").glob("step_*/meta.json")), text[-3000:]
+    else:
+        assert proc.returncode == 130, text[-3000:]
+        assert text.count("mdt-train: stopped at once (Ctrl-C twice), without a checkpoint") == 1
+        assert not list((run / "checkpoints").glob("step_*/meta.json"))
+
+
 def test_nan_guard_names_step_terms_and_checkpoint(tmp_path: Path) -> None:
     proc = train_cli(tmp_path / "nan", "precision=fp32", "zero_stage=0", "steps=6", "ckpt_every=2", "optim.lr=1e30",
                      "optim.grad_clip=0.0", "optim.name=adamw")

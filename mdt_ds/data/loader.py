@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -433,8 +434,16 @@ class Loader:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             prefetch_factor=4,
+            worker_init_fn=_ignore_interrupts,
         )
         return iter(loader)
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    """A Ctrl-C reaches every process of the terminal's group, data-loader workers too: they must
+    keep feeding the trainer, which finishes its step and checkpoints (a second Ctrl-C stops the
+    trainer, which ends its workers)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def resolve_source(source: str, data_root: str | None = None) -> Path:
