@@ -298,46 +298,6 @@ def layout_changed(meta: dict, world_size: int, zero_stage: int) -> bool:
     return meta["world_size"] != world_size or meta.get("zero_stage", zero_stage) != zero_stage
 
 
-def resume_point(run_dir: Path, world_size: int, zero_stage: int) -> Path | None:
-    """The checkpoint to resume: the newest complete one, unless the layout (world size, ZeRO
-    stage) changed and it lacks the universal form; then the newest one that has it, with a
-    warning that names the steps given up and how to keep them. None: a new run."""
-    latest = find_latest(run_dir)
-    if latest is None:
-        return None
-    meta = read_meta(latest)
-    if not layout_changed(meta, world_size, zero_stage) or has_universal(latest):
-        return latest
-    root = checkpoint_root(run_dir)
-    older = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / "meta.json").is_file() and has_universal(p)]
-    fallback = max(older, key=step_of, default=None)
-    keep_them = f"resume with {meta['world_size']} processes and zero_stage={meta.get('zero_stage')} instead"
-    if fallback is None:
-        raise ResumeError(
-            f"{latest} was written by {meta['world_size']} processes with ZeRO stage {meta.get('zero_stage')}, this "
-            f"run has {world_size} with stage {zero_stage}, and no checkpoint of the run holds the "
-            f"world-size-independent form: {keep_them}, or start a new run from the weights: `python -m "
-            f"mdt_ds.tools.convert_checkpoint {latest} OUT.pt` then init_from=OUT.pt (optimizer state restarts)."
-        )
-    log.warning("resuming from %s, the newest checkpoint with the world-size-independent form: %s (step %d) has "
-                "only its %d-process ZeRO-%s layout. To keep its %d steps, %s.", fallback.name, latest.name,
-                step_of(latest), meta["world_size"], meta.get("zero_stage"), step_of(latest) - step_of(fallback),
-                keep_them)
-    return fallback
-
-
-def agreed_resume_point(run_dir: Path, world_size: int, zero_stage: int) -> Path | None:
-    """Collective: rank 0's :func:`resume_point`, the same on every rank. Ranks that each read
-    the disk can disagree (a second job publishing meanwhile, a slow shared filesystem), and
-    then wait in different collectives until the timeout."""
-    name = dist.load_on_main(lambda: _name_of(resume_point(run_dir, world_size, zero_stage)), "the checkpoint to resume")
-    return None if name is None else checkpoint_root(run_dir) / name
-
-
-def _name_of(path: Path | None) -> str | None:
-    return None if path is None else path.name
-
-
 def _own_files(folder: Path, rank: int) -> list[Path]:
     """The ``.pt`` files of ``folder`` this rank wrote (rank 0: also the shared ones)."""
     return [p for p in sorted(folder.rglob("*.pt")) if is_own_file(p.name, rank)]

@@ -15,7 +15,6 @@ from mdt_ds import dist
 from mdt_ds.checkpoint import (
     CheckpointError,
     GiB,
-    agreed_resume_point,
     check_free_space,
     estimate_bytes,
     free_bytes,
@@ -35,6 +34,7 @@ from mdt_ds.engine import COMPUTE_DTYPES, PRECISION_DTYPES, build_engine
 from mdt_ds.models.flops import train_macs_per_image
 from mdt_ds.monitor import Monitor, StepClock, measure_peak_flops, memory_gb
 from mdt_ds.preemption import StopFlag
+from mdt_ds.resume_point import agreed_resume_point
 from mdt_ds.rundir import record_launch
 
 log = logging.getLogger("mdt_ds.train")

@@ -233,7 +233,13 @@ def write_fragments(engine: deepspeed.DeepSpeedEngine, ema: ShardedEMA, director
         # a copy (one, also from a GPU): safetensors refuses views that share storage
         for key, view in ((MASTER, f.master), *f.state.items(), (EMA, shadow)):
             tensors[f"{f.name}@{f.start}/{key}"] = view.detach().to("cpu", torch.float32, copy=True)
-    save_file(tensors, str(out / f"rank{dist.get_rank():05d}.safetensors"), metadata={"format": str(FORMAT)})
+    path = out / f"rank{dist.get_rank():05d}.safetensors"
+    save_file(tensors, str(path), metadata={"format": str(FORMAT)})
+    # Part of "complete": the header of what was written reads back with every fragment in it
+    # (a resume in another layout reads these files only on the day it is needed).
+    problem = _file_problem(path, set(tensors))
+    if problem is not None:
+        raise OSError(f"re-reading the universal form written: {problem}")
     del tensors
     return {
         "fragments": [(f.name, f.start, f.numel) for f in frags],
@@ -287,10 +293,48 @@ def read_index(directory: Path) -> dict:
     path = Path(directory) / SUBDIR / "index.json"
     if not path.is_file():
         raise UniversalError(f"{path} is missing: this checkpoint has no universal form (save with save_universal)")
-    index = json.loads(path.read_text())
+    try:
+        index = json.loads(path.read_text())
+    except ValueError as err:
+        raise UniversalError(f"{path} is not valid JSON ({err}; a truncated write?)") from None
+    if not isinstance(index, dict) or not isinstance(index.get("params"), dict):
+        raise UniversalError(f"{path} is not a universal checkpoint index (no parameter table)")
     if index.get("format") != FORMAT:
         raise UniversalError(f"{path}: format {index.get('format')}, this code reads format {FORMAT}")
     return index
+
+
+def _file_problem(path: Path, keys: set[str]) -> str | None:
+    """Why the safetensors file at ``path`` does not hold ``keys`` (None: it does). Only the
+    header is read."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            missing = keys - set(f.keys())
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types for garbage
+        return f"{path} is not a readable safetensors file ({type(err).__name__}: {err})"
+    if missing:
+        return f"{path} lacks {len(missing)} of the fragments the index names (e.g. {sorted(missing)[0]})"
+    return None
+
+
+def universal_problem(directory: Path) -> str | None:
+    """Why a resume cannot read ``directory``'s universal form (None: it can): the index parses
+    and covers every parameter, and every rank's file header holds the fragments it names."""
+    try:
+        index = read_index(directory)
+        check_coverage(index)
+    except (OSError, ValueError, KeyError, TypeError, UniversalError) as err:
+        return f"{Path(directory) / SUBDIR / 'index.json'} is unreadable or incomplete ({err})"
+    keys = [MASTER, EMA, *index.get("state_keys", {})]
+    wanted: dict[int, set[str]] = {}
+    for name, info in index["params"].items():
+        for start, _, rank in info["fragments"]:
+            wanted.setdefault(rank, set()).update(f"{name}@{start}/{key}" for key in keys)
+    for rank, names in sorted(wanted.items()):
+        problem = _file_problem(Path(directory) / SUBDIR / f"rank{rank:05d}.safetensors", names)
+        if problem is not None:
+            return problem
+    return None
 
 
 def check_coverage(index: dict) -> None:
@@ -330,7 +374,11 @@ def _fill(frag: Fragment, shadow: torch.Tensor, info: dict, keys: list[str], fil
         if a >= b:
             continue
         if rank not in files:
-            files[rank] = safe_open(str(folder / f"rank{rank:05d}.safetensors"), framework="pt")
+            path = folder / f"rank{rank:05d}.safetensors"
+            try:
+                files[rank] = safe_open(str(path), framework="pt")
+            except Exception as err:  # noqa: BLE001 - safetensors' own error types for garbage
+                raise UniversalError(f"{path} is not a readable safetensors file ({err})") from None
         for key, dst in targets.items():
             src = files[rank].get_slice(f"{frag.name}@{start}/{key}")[a - start : b - start]
             dst[a - lo : b - lo].copy_(src)

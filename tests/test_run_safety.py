@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mdt_ds import dist
 from mdt_ds.checkpoint import CheckpointError, check_free_space, prune, prune_snapshots, remove_stale
@@ -305,26 +306,45 @@ def test_a_write_error_on_one_rank_stops_every_rank_without_a_hang(tmp_path: Pat
     assert seen[0]["rank_1_data"].startswith("ConfigError: could not load the training data")
 
 
+def fake_checkpoint(root: Path, step: int, universal: bool = False, world_size: int = 2) -> Path:
+    """A checkpoint folder as a resume reads it: meta.json, DeepSpeed's and the EMA's .pt files
+    (zip archives, as torch.save writes them) and optionally a universal form (index.json plus
+    one rank's safetensors file holding the fragments the index names)."""
+    from safetensors.torch import save_file
+
+    path = root / f"step_{step:07d}"
+    path.mkdir(parents=True)
+    (path / "meta.json").write_text(json.dumps({"step": step, "world_size": world_size, "zero_stage": 2}))
+    for name in ("mp_rank_00_model_states.pt", "ema_rank00000.pt"):
+        torch.save({"step": step}, path / name)
+    if universal:
+        (path / "universal").mkdir()
+        index = {"format": 1, "state_keys": {"exp_avg": "float32"}, "params": {
+            "w": {"shape": [4], "numel": 4, "fragments": [[0, 4, 0]]}}}
+        (path / "universal" / "index.json").write_text(json.dumps(index))
+        save_file({f"w@0/{k}": torch.zeros(4) for k in ("fp32", "ema", "exp_avg")},
+                  str(path / "universal" / "rank00000.safetensors"))
+    return path
+
+
 def test_every_rank_resumes_the_checkpoint_rank_0_chose(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Rank 1 sees a newer checkpoint on disk (a second job published it meanwhile); the decision
     broadcast from rank 0 wins, so all ranks load the same one."""
     import mdt_ds.checkpoint as ckpt
+    import mdt_ds.resume_point as rp
 
     root = tmp_path / "checkpoints"
-    meta = '{"step": 0, "world_size": 2, "zero_stage": 2}'
     for step in (2, 4):
-        (root / f"step_{step:07d}").mkdir(parents=True)
-        (root / f"step_{step:07d}" / "meta.json").write_text(meta)
+        fake_checkpoint(root, step)
     sent = []
-    monkeypatch.setattr(ckpt.dist, "is_main", lambda: True)
-    monkeypatch.setattr(ckpt.dist, "from_main", lambda value: sent.append(value) or value)
-    assert ckpt.agreed_resume_point(tmp_path, 2, 2) == root / "step_0000004" and sent == [("step_0000004", False)]
-    (root / "step_0000006").mkdir()
-    (root / "step_0000006" / "meta.json").write_text(meta)
-    monkeypatch.setattr(ckpt.dist, "is_main", lambda: False)  # rank 1: rank 0 said step 4
-    monkeypatch.setattr(ckpt.dist, "from_main", lambda value: ("step_0000004", False))
+    monkeypatch.setattr(rp.dist, "is_main", lambda: True)
+    monkeypatch.setattr(rp.dist, "from_main", lambda value: sent.append(value) or value)
+    assert rp.agreed_resume_point(tmp_path, 2, 2) == root / "step_0000004" and sent == [("step_0000004", False)]
+    fake_checkpoint(root, 6)
+    monkeypatch.setattr(rp.dist, "is_main", lambda: False)  # rank 1: rank 0 said step 4
+    monkeypatch.setattr(rp.dist, "from_main", lambda value: ("step_0000004", False))
     assert ckpt.find_latest(tmp_path) == root / "step_0000006"
-    assert ckpt.agreed_resume_point(tmp_path, 2, 2) == root / "step_0000004"
+    assert rp.agreed_resume_point(tmp_path, 2, 2) == root / "step_0000004"
 
 
 def test_a_new_layout_resumes_the_newest_checkpoint_with_the_universal_form(
@@ -337,31 +357,100 @@ def test_a_new_layout_resumes_the_newest_checkpoint_with_the_universal_form(
     import logging
 
     import mdt_ds.checkpoint as ckpt
+    from mdt_ds.resume_point import resume_point
 
     root = tmp_path / "checkpoints"
-
-    def checkpoint(step: int, universal: bool) -> None:
-        (root / f"step_{step:07d}" / "universal").mkdir(parents=True)
-        (root / f"step_{step:07d}" / "meta.json").write_text(json.dumps({"step": step, "world_size": 2,
-                                                                          "zero_stage": 2}))
-        if universal:
-            (root / f"step_{step:07d}" / "universal" / "index.json").write_text("{}")
-
-    checkpoint(2, False)
-    with pytest.raises(ckpt.ResumeError, match="resume with 2 processes and zero_stage=2"):
-        ckpt.resume_point(tmp_path, 1, 2)
-    checkpoint(4, True)
+    fake_checkpoint(root, 2)
+    with pytest.raises(ckpt.ResumeError, match="Resume with 2 processes and zero_stage=2"):
+        resume_point(tmp_path, 1, 2)
+    fake_checkpoint(root, 4, universal=True)
     for step in (6, 8):
-        checkpoint(step, False)
-    assert ckpt.resume_point(tmp_path, 2, 2) == root / "step_0000008"
+        fake_checkpoint(root, step)
+    assert resume_point(tmp_path, 2, 2) == root / "step_0000008"
     with caplog.at_level(logging.WARNING):
-        assert ckpt.resume_point(tmp_path, 1, 2) == root / "step_0000004"
-        assert ckpt.resume_point(tmp_path, 2, 3) == root / "step_0000004"
+        assert resume_point(tmp_path, 1, 2) == root / "step_0000004"
+        assert resume_point(tmp_path, 2, 3) == root / "step_0000004"
     assert "step_0000008 (step 8) has only its 2-process ZeRO-2 layout. To keep its 4 steps" in caplog.text
     assert ckpt.prune(root, 2) == ["step_0000002"]  # step 4 stays: the only universal one
-    checkpoint(10, True)
+    fake_checkpoint(root, 10, universal=True)
     assert ckpt.prune(root, 2) == ["step_0000004", "step_0000006"]
     assert sorted(p.name for p in root.iterdir()) == ["step_0000008", "step_0000010"]
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated", "not a record"])
+def test_a_damaged_meta_json_falls_back_to_the_checkpoint_before(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    """A truncated or empty meta.json in the newest checkpoint made the run unresumable
+    (JSONDecodeError on every rank, exit 1): the newest checkpoint that parses is resumed, the
+    damaged one is named and left in place."""
+    import logging
+
+    from mdt_ds.resume_point import resume_point
+
+    root = tmp_path / "checkpoints"
+    fake_checkpoint(root, 2)
+    bad = fake_checkpoint(root, 4) / "meta.json"
+    bad.write_text({"empty": "", "truncated": '{"step": 4, "world_si', "not a record": "[4, 2]"}[damage])
+    with caplog.at_level(logging.WARNING):
+        assert resume_point(tmp_path, 2, 2) == root / "step_0000002"
+    assert f"skipping step_0000004: {bad}" in caplog.text and "left in place" in caplog.text
+    assert bad.is_file()
+
+
+def test_damaged_universal_and_deepspeed_files_are_named_and_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A garbage fragment file ended in SafetensorError ("header too large") with no file named;
+    a truncated .pt only at DeepSpeed's load. Each is now found before any load: another layout
+    falls back to the previous universal checkpoint, the same layout past a damaged archive; with
+    nothing readable, one ResumeError names every file (exit 2)."""
+    import logging
+
+    import mdt_ds.checkpoint as ckpt
+    from mdt_ds.resume_point import resume_point
+
+    root = tmp_path / "checkpoints"
+    fake_checkpoint(root, 2, universal=True)
+    newest = fake_checkpoint(root, 4, universal=True)
+    (newest / "universal" / "rank00000.safetensors").write_bytes(b"\xff" * 64)  # garbage header
+    with caplog.at_level(logging.WARNING):
+        assert resume_point(tmp_path, 1, 2) == root / "step_0000002"  # another layout: reads universal
+        assert resume_point(tmp_path, 2, 2) == newest  # the same layout does not read it...
+    assert f"{newest / 'universal' / 'rank00000.safetensors'} is not a readable safetensors file" in caplog.text
+    assert "its world-size-independent form is damaged" in caplog.text  # ...but says so now
+    model_states = newest / "mp_rank_00_model_states.pt"
+    model_states.write_bytes(model_states.read_bytes()[:100])  # truncated
+    assert resume_point(tmp_path, 2, 2) == root / "step_0000002"
+    (root / "step_0000002" / "meta.json").write_text("")
+    with pytest.raises(ckpt.ResumeError, match=r"step_0000004: .*mp_rank_00_model_states.pt is damaged.*"
+                       r"step_0000002: .*meta.json is empty"):
+        resume_point(tmp_path, 2, 2)
+
+
+def test_a_save_rereads_the_header_of_the_universal_form_it_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Part of a complete checkpoint: what a rank wrote reads back with every fragment in it; a
+    file that does not (a silent short write) fails the save instead of surfacing on the day a
+    resume on another number of GPUs needs it."""
+    import mdt_ds.universal as universal
+
+    frag = universal.Fragment("w", 0, 0, torch.ones(4), {"exp_avg": torch.zeros(4)})
+    monkeypatch.setattr(universal, "local_fragments", lambda engine: [frag])
+    monkeypatch.setattr(universal, "_ema_views", lambda ema, frags: [torch.ones(4)])
+    monkeypatch.setattr(universal.dist, "get_rank", lambda: 0)
+    written = universal.write_fragments(None, None, tmp_path / "ok")
+    assert written["fragments"] == [("w", 0, 4)]
+
+    def short_write(tensors, path, metadata=None):
+        from safetensors.torch import save_file
+
+        save_file({"w@0/fp32": torch.ones(4)}, path)  # a readable file that lost two fragments
+
+    monkeypatch.setattr(universal, "save_file", short_write)
+    with pytest.raises(OSError, match=r"re-reading the universal form written: .*lacks 2 of the fragments"):
+        universal.write_fragments(None, None, tmp_path / "short")
 
 
 def test_each_rank_claims_only_its_own_checkpoint_files(tmp_path: Path) -> None:
