@@ -226,7 +226,11 @@ class TrainConfig:
     keep_snapshots: int = 10
     snapshot_format: Literal["pt", "safetensors", "both"] = "pt"
     sample_every: int = 0  # 0: no sample grids during training
-    max_bad_steps: int = 0  # NaN/inf steps skipped before the run stops
+    max_bad_steps: int = 0  # bad (NaN/inf or exploding) steps skipped before the run stops; 0: stop at the first
+    # With max_bad_steps > 0 a step whose loss is more than explode_factor times the median of the
+    # last 50 good steps counts as bad too (a diverging run can stay finite while it wrecks the
+    # weights); 0: only NaN/inf. See mdt_ds.guards.
+    explode_factor: float = 100.0
     # In-training FID of the EMA model (off by default): every fid_every steps, fid_images
     # samples (diffusion.sampler, fid_steps steps, diffusion.cfg_scale) against the reference batch fid_ref (.npz).
     fid_every: int = 0
@@ -256,7 +260,8 @@ class TrainConfig:
             raise ConfigError("compile=true with zero_stage=3 is not supported (untested: DeepSpeed's ZeRO-3 "
                               "parameter hooks defeat the compiled blocks); use zero_stage=1 or 2 with compile, "
                               "or compile=false")
-        for name in ("keep_ckpts", "keep_snapshots", "snapshot_every", "ckpt_every", "universal_every"):
+        for name in ("keep_ckpts", "keep_snapshots", "snapshot_every", "ckpt_every", "universal_every",
+                     "explode_factor", "max_bad_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 

@@ -28,7 +28,7 @@ EXIT_INTERRUPTED = 130  # stopped at once by a second Ctrl-C (the shell's 128 + 
 RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "sample_every", "force_resume", "max_bad_steps", "init_from",
                      "time_budget_min", "fid_every", "fid_images", "fid_steps", "fid_inception", "run_dir",
                      "keep_ckpts", "snapshot_every", "keep_snapshots", "snapshot_format", "stop_check_every",
-                     "cpu_malloc", "optim.fused", "universal_every",
+                     "cpu_malloc", "optim.fused", "universal_every", "explode_factor",
                      # how the ranks talk, not what they compute
                      "comm.timeout_min", "comm.reduce_bucket_size", "comm.allgather_bucket_size", "comm.overlap_comm",
                      "comm.multi_rank_bucket_allreduce",

@@ -31,6 +31,7 @@ from mdt_ds.diffusion import create_diffusion
 from mdt_ds.diffusion.loss import MDTv2Loss
 from mdt_ds.ema import ShardedEMA
 from mdt_ds.engine import COMPUTE_DTYPES, PRECISION_DTYPES, build_engine
+from mdt_ds.guards import StepGuard
 from mdt_ds.models.flops import train_macs_per_image
 from mdt_ds.monitor import Monitor, StepClock, measure_peak_flops, memory_gb
 from mdt_ds.preemption import StopFlag
@@ -96,11 +97,12 @@ class Trainer:
 
     def _reset_guards(self) -> None:
         """The loop's bookkeeping: finiteness record, stop flags, timing window."""
-        self.bad_steps = 0
-        # With max_bad_steps > 0 each micro-step's loss is checked before its backward (a bad
-        # step must not be applied: in bf16 DeepSpeed does not skip it). Otherwise the first
-        # non-finite step is recorded on the device and read on logging and checkpoint steps.
+        # With max_bad_steps > 0 each micro-step's loss is judged before its backward (a bad
+        # step must not be applied: in bf16 DeepSpeed does not skip it; see mdt_ds.guards).
+        # Otherwise the first non-finite step is recorded on the device and read on logging and
+        # checkpoint steps.
         self.check_each_step = self.cfg.max_bad_steps > 0
+        self.guard = StepGuard(self.cfg.max_bad_steps, self.cfg.explode_factor)
         self._first_bad = torch.full((), NO_BAD_STEP, dtype=torch.long, device=self.device)
         self._bad_terms: torch.Tensor | None = None
         self._term_keys: list[str] = []
@@ -197,8 +199,10 @@ class Trainer:
         total: torch.Tensor | None = None
         for micro in range(self.accum):
             loss, terms = self._micro_step(self.step * self.accum + micro)
-            if self.check_each_step and not self._all_finite(loss):
-                return self._bad_step(terms)
+            if self.check_each_step:
+                verdict, mean = self._loss_verdict(loss)
+                if verdict != "ok":
+                    return self._bad_step(terms, verdict, mean)
             self._term_keys = sorted(terms)
             stacked = torch.stack([terms[k].float() for k in self._term_keys]) / self.accum  # one kernel, no read
             if not self.check_each_step:
@@ -207,6 +211,7 @@ class Trainer:
             self.engine.step()
             total = stacked if total is None else total + stacked
         self.ema.update(self.step)
+        self.guard.record(self.step + 1, "ok")
         return dict(zip(self._term_keys, total.unbind())) if total is not None else {}
 
     def _record_finiteness(self, loss: torch.Tensor, stacked: torch.Tensor) -> None:
@@ -216,24 +221,32 @@ class Trainer:
         self._first_bad = torch.where(newly, self.step + 1, self._first_bad)
         self._bad_terms = stacked if self._bad_terms is None else torch.where(newly, stacked, self._bad_terms)
 
-    def _all_finite(self, loss: torch.Tensor) -> bool:
-        """Whether every rank's loss is finite (one small all-reduce that also carries the stop flags)."""
-        return self._reduce(bad=(~torch.isfinite(loss.detach())).double().view(1))[2] == 0.0
+    def _loss_verdict(self, loss: torch.Tensor) -> tuple[str, float]:
+        """Every rank's loss judged at once ("ok", "non-finite", "exploding") and their mean: one
+        small all-reduce, which also carries the stop flags."""
+        value = loss.detach().double().view(1)
+        finite = torch.isfinite(value)
+        out = self._reduce(values=torch.where(finite, value, torch.zeros_like(value)), bad=(~finite).double())
+        mean = out[0] / self.env.world_size
+        return self.guard.verdict(mean, finite=out[-1] == 0.0), mean
 
-    def _bad_step(self, terms: dict[str, torch.Tensor]) -> None:
-        self.bad_steps += 1
+    def _bad_step(self, terms: dict[str, torch.Tensor], verdict: str, mean: float) -> None:
+        step = self.step + 1
         detail = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
-        if self.bad_steps > self.cfg.max_bad_steps or self.accum > 1:
-            raise self._diverged(self.step + 1, detail)
-        log.warning("skipping non-finite step %d (%s); %d of %d allowed", self.step + 1, detail, self.bad_steps,
+        why = self.guard.describe(verdict, mean)
+        if self.guard.record(step, verdict) or self.accum > 1:
+            raise self._diverged(step, detail, verdict, why)
+        log.warning("skipping step %d (%s; %s); %d of %d bad steps allowed", step, why, detail, self.guard.bad_steps,
                     self.cfg.max_bad_steps)
         return None
 
-    def _diverged(self, step: int, detail: str) -> TrainingDiverged:
+    def _diverged(self, step: int, detail: str, verdict: str = "non-finite", why: str = "") -> TrainingDiverged:
+        first = self.guard.first_bad_step
+        since = f" (published before the first bad step, {first})" if first is not None and first < step else ""
         return TrainingDiverged(
-            f"non-finite loss at step {step} ({detail}) on some rank; last good checkpoint: "
-            f"{self.last_ckpt or 'none'}. Lower optim.lr, use precision=bf16/fp32, or set max_bad_steps "
-            f"(grad_accum 1 only) to skip such steps."
+            f"{verdict} loss at step {step} ({detail}{'; ' + why if verdict != 'non-finite' else ''}) on some rank; "
+            f"last good checkpoint: {self.last_ckpt or 'none'}{since}. Lower optim.lr, use precision=bf16/fp32, or "
+            f"set max_bad_steps (grad_accum 1 only) to skip such steps."
         )
 
     # ---------------------------------------------------------------- agreement across ranks
@@ -438,6 +451,8 @@ class Trainer:
         if self.last_ckpt is not None and self.last_ckpt.name == f"step_{self.step:07d}" and (
                 not universal or has_universal(self.last_ckpt)):
             return
+        if self._publishing_blocked("checkpoint"):
+            return
         if not self.check_each_step and self._checked_step != self.step:
             self._reduce()  # never publish a checkpoint of a diverged run: raises if a step was bad
         need = self.disk["checkpoint"] + (self.disk["universal"] if universal else 0)
@@ -467,8 +482,19 @@ class Trainer:
         return {"micro_batch": self.micro, "grad_accum": self.accum, "global_batch": self.cfg.global_batch,
                 "data_position": self.loader.position(self.step * self.accum), "skipped_samples": skipped}
 
+    def _publishing_blocked(self, what: str) -> bool:
+        """Bad steps were skipped recently (max_bad_steps > 0): publish nothing, so that the last
+        published checkpoint stays one from before them. The same decision on every rank."""
+        blocked = self.guard.publish_blocked()
+        if blocked:
+            log.warning("not writing the %s of step %d: %s; the last good checkpoint stays %s", what, self.step,
+                        blocked, self.last_ckpt or "none")
+        return blocked is not None
+
     def snapshot(self) -> None:
         """An EMA snapshot on a step without a checkpoint (``snapshot_every`` apart from ``ckpt_every``)."""
+        if self._publishing_blocked("EMA snapshot"):
+            return
         state = self._gathered_ema()
         error: CheckpointError | None = None
         if dist.is_main():

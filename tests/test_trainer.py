@@ -515,9 +515,43 @@ def test_skipping_bad_steps_checks_before_each_backward(tmp_path: Path) -> None:
     inner = tr._reduce
     tr._reduce = lambda *a, **k: reductions.append(tr.step) or inner(*a, **k)
     assert tr.one_step() == "" and tr.one_step() == "" and tr.one_step() == ""  # the third is skipped
-    assert tr.engine.backwards == 2 and tr.bad_steps == 1 and reductions == [0, 1, 2]
+    assert tr.engine.backwards == 2 and tr.guard.bad_steps == 1 and reductions == [0, 1, 2]
     with pytest.raises(TrainingDiverged, match="at step 4 "):  # 1-based: the fourth step
         tr.one_step()
+
+
+def test_an_exploding_step_is_bad_and_nothing_is_published_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max_bad_steps=3 at a diverging learning rate: step 2's loss is finite but 5.5e14 (the run
+    diverges), then NaN. Step 2 used to be applied, and the checkpoints of steps 2-5 published
+    and called "last good". Now step 2 counts as exploding and is skipped like the NaN steps,
+    nothing is published while bad steps are pending, and the stop names step 1's checkpoint."""
+    from mdt_ds import trainer as trainer_mod
+
+    saved: list[int] = []
+
+    def fake_save(engine, ema, run_dir, step, **kwargs):
+        saved.append(step)
+        kwargs["before_publish"]()
+        (tmp_path / f"step_{step:07d}").mkdir()
+        return tmp_path / f"step_{step:07d}"
+
+    monkeypatch.setattr(trainer_mod, "save_training_state", fake_save)
+    monkeypatch.setattr(trainer_mod, "save_ema_snapshot", lambda state, cfg, run_dir, step: Path("ema"))
+    losses_seen = iter([1.0, 5.5e14] + [math.nan] * 10)
+
+    def objective(model_fn, x, y, generator=None, host_rng=None):
+        value = torch.tensor(next(losses_seen))
+        return value, {"loss": value}
+
+    tr = bare_trainer(tmp_path, "steps=10", "log_every=100", "ckpt_every=1", "max_bad_steps=3", objective=objective)
+    tr._gathered_ema = lambda: {}
+    with pytest.raises(trainer_mod.TrainingDiverged,
+                       match=r"non-finite loss at step 5 .*last good checkpoint: .*step_0000001 \(published before "
+                             r"the first bad step, 2\)"):
+        tr.run()
+    assert saved == [1] and tr.engine.backwards == 1 and tr.guard.first_bad_step == 2
 
 
 def test_stop_flags_ride_on_logging_or_every_k_steps(tmp_path: Path) -> None:
@@ -745,3 +779,20 @@ def test_diffusion_num_timesteps_reaches_training_grids_fid_and_sampling(tmp_pat
     run_config = tmp_path / "config.json"
     run_config.write_text(json.dumps({"diffusion": {"num_timesteps": 100}}))
     assert trained_timesteps(run_config) == 100 and trained_timesteps(None) == 1000
+
+
+def test_step_guard_judges_against_the_running_median_and_recovers() -> None:
+    from mdt_ds.guards import RECOVERY_STEPS, StepGuard
+
+    guard = StepGuard(max_bad_steps=2, explode_factor=100.0)
+    assert [guard.verdict(v, True) for v in (1.0, 0.8, 1.2)] == ["ok"] * 3
+    assert guard.verdict(99.0, True) == "ok" and guard.verdict(1e4, True) == "exploding"  # median 1.1: 110 is the bar
+    assert guard.verdict(1.0, False) == "non-finite" and guard.verdict(math.inf, True) == "non-finite"
+    assert StepGuard(2, 0.0).verdict(1.0, True) == "ok" and StepGuard(2, 0.0).verdict(1e30, True) == "ok"
+    assert guard.publish_blocked() is None
+    assert guard.record(7, "exploding") is False and guard.first_bad_step == 7
+    assert "published again after" in guard.publish_blocked()
+    for step in range(8, 8 + RECOVERY_STEPS):
+        guard.record(step, "ok")
+    assert guard.publish_blocked() is None
+    assert guard.record(100, "non-finite") is False and guard.record(101, "non-finite") is True  # 3 > 2
