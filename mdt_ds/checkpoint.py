@@ -109,25 +109,49 @@ def measured_bytes(path: Path) -> dict[str, int]:
     return {"checkpoint": tree_bytes(path) - universal, **({"universal": universal} if universal else {})}
 
 
-def check_free_space(run_dir: Path, need: int) -> None:
-    """Collective: refuse to start a save that cannot fit (on any rank's filesystem), before a
-    byte is written, so the previous checkpoint stays the latest and intact."""
+class DiskFullError(CheckpointError):
+    """The next checkpoint cannot fit; found before a byte is written (the user frees space)."""
+
+
+def human_bytes(count: float) -> str:
+    """Bytes in the unit that shows them with three significant digits: 21.7 MiB, 1.80 GiB."""
+    for unit, size in (("GiB", GiB), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(count) >= size:
+            return f"{count / size:.3g} {unit}"
+    return f"{int(count)} bytes"
+
+
+def what_exists(run_dir: Path) -> str:
+    """What a stop now leaves to resume from, for messages about a save that did not happen."""
+    latest = find_latest(run_dir)
+    if latest is None:
+        return "no checkpoint has been written yet: a stop now loses the run's steps so far"
+    return f"the last checkpoint, {latest.name}, is intact and resumable"
+
+
+def check_free_space(run_dir: Path, need: int, first: bool = False) -> None:
+    """Collective: refuse a save that cannot fit (on any rank's filesystem), before a byte is
+    written, so the previous checkpoint stays the latest and intact. ``first``: the check at
+    the start of a run, for the largest save it will make."""
     free = free_bytes(checkpoint_root(run_dir))
     short = free < need
     if dist.any_rank(short):
-        where = f"{checkpoint_root(run_dir)} has {free / GiB:.2f} GiB free" if short else "another rank's disk is full"
-        raise CheckpointError(
-            f"not enough disk space for the next checkpoint: it needs about {need / GiB:.2f} GiB and {where}. "
-            f"Free space, or lower keep_ckpts / keep_snapshots; the last checkpoint is intact and resumable."
+        where = (f"{checkpoint_root(run_dir)} has {human_bytes(free)} free" if short
+                 else "another rank's filesystem has less free")
+        what = "this run's checkpoints" if first else "the next checkpoint"
+        raise DiskFullError(
+            f"not enough disk space for {what}: one needs about {human_bytes(need)} and {where}. Free space, move "
+            f"run_dir, or lower keep_ckpts / keep_snapshots; {what_exists(run_dir)}."
         )
 
 
-def _describe_write_error(err: BaseException, where: Path) -> str:
+def _describe_write_error(err: BaseException, where: Path, what: str = "checkpoint") -> str:
     nospace = isinstance(err, OSError) and err.errno == errno.ENOSPC
     # torch.save's C++ writer reports a full disk as "basic_ios::clear" / "unexpected pos": ask the disk.
     nospace = nospace or free_bytes(where) < 1 << 20
     reason = "no space left on device" if nospace else f"{type(err).__name__}: {err}"
-    return f"writing the checkpoint under {where} failed ({reason}); the last checkpoint is intact and resumable"
+    # ``where`` is RUN_DIR/checkpoints/step_X.tmp or RUN_DIR/snapshots/ema_X.pt.tmp
+    return f"writing the {what} under {where} failed ({reason}); {what_exists(where.parent.parent)}"
 
 
 def fsync_path(path: Path) -> None:
@@ -382,7 +406,7 @@ def save_ema_snapshot(
             fsync_path(tmp)
         except (OSError, RuntimeError) as err:
             tmp.unlink(missing_ok=True)
-            raise CheckpointError(_describe_write_error(err, tmp).replace("checkpoint", "EMA snapshot")) from err
+            raise CheckpointError(_describe_write_error(err, tmp, "EMA snapshot")) from err
         os.replace(tmp, path)
         paths.append(path)
     fsync_path(out)

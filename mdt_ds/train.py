@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 def _user_errors() -> dict[type, int]:
     """The project's own errors, which a CLI reports in one line (no traceback), and their codes:
     2 for what the user can fix (config, data, files), 1 for a run that failed."""
-    from mdt_ds.checkpoint import CheckpointError, ResumeError
+    from mdt_ds.checkpoint import CheckpointError, DiskFullError, ResumeError
     from mdt_ds.data.shards import ShardError
     from mdt_ds.metrics.inception import InceptionWeightsError
     from mdt_ds.models.codec import CodecError
@@ -184,7 +184,7 @@ def _user_errors() -> dict[type, int]:
     from mdt_ds.universal import UniversalError
 
     return {ConfigError: 2, UnsafeCheckpointError: 2, ResumeError: 2, UniversalError: 2, ShardError: 2,
-            CodecError: 2, InceptionWeightsError: 2, TrainingDiverged: 1, CheckpointError: 1}
+            CodecError: 2, InceptionWeightsError: 2, TrainingDiverged: 1, DiskFullError: 2, CheckpointError: 1}
 
 
 def _report(err: Exception) -> None:

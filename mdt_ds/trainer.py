@@ -83,6 +83,10 @@ class Trainer:
         self.ema = ShardedEMA(self.engine, cfg.ema_decay, cfg.ema_warmup)
         self.resume_meta: dict = {}  # the resumed checkpoint's meta.json
         self.step = self._resume_or_init()
+        self.last_ckpt: Path | None = self.latest
+        self.disk = self._plan_disk()
+        if self.step < cfg.steps:  # the largest save of the run (the last: universal form and snapshot) must fit
+            check_free_space(run_dir, sum(self.disk.values()), first=True)
         record_launch(run_dir, env, self.step)
         self.objective = training_objective(cfg, self.device)
         self.loader = self._build_loader(self.step * self.accum)
@@ -91,8 +95,6 @@ class Trainer:
         self.peak_flops, self.peak_source = self._peak_flops()
         self.monitor = Monitor(run_dir, self.step, cfg.steps, dist.is_main(),
                                summary_every=summary_interval(cfg.log_every, cfg.steps))
-        self.last_ckpt: Path | None = self.latest
-        self.disk = self._plan_disk()
         self._reset_guards()
 
     def _reset_guards(self) -> None:

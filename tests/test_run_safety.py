@@ -63,11 +63,38 @@ def test_checkpoints_and_snapshots_are_pruned_to_keep(tmp_path: Path) -> None:
         "ema_0000004.pt", "ema_0000004.safetensors", "step_0000003", "step_0000004"]
 
 
-def test_a_save_that_cannot_fit_is_refused_before_writing(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointError, match="not enough disk space.*last checkpoint is intact"):
-        check_free_space(tmp_path, 1 << 60)
+def test_a_save_that_cannot_fit_is_refused_before_writing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sizes in units that show the difference (it said "needs about 0.02 GiB and has 0.02 GiB
+    free"), and what exists: with no checkpoint yet there is nothing "intact and resumable"."""
+    import mdt_ds.checkpoint as ckpt
+
+    monkeypatch.setattr(ckpt, "free_bytes", lambda path: 20 << 20)
+    with pytest.raises(ckpt.DiskFullError, match=r"needs about 21 MiB and .* has 20 MiB free.*no checkpoint has "
+                                                 r"been written yet"):
+        check_free_space(tmp_path, 21 << 20)
     assert not (tmp_path / "checkpoints").exists()
+    (tmp_path / "checkpoints" / "step_0000002").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step_0000002" / "meta.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"the last checkpoint, step_0000002, is intact and resumable"):
+        check_free_space(tmp_path, 21 << 20)
     check_free_space(tmp_path, 1)
+    assert ckpt.human_bytes(1.8 * 2**30) == "1.8 GiB" and ckpt.human_bytes(512) == "512 bytes"
+
+
+def test_a_run_whose_checkpoints_cannot_fit_stops_before_its_first_step(tmp_path: Path) -> None:
+    """Checked at the start against the run's largest save, in one line (exit 2), not after hours."""
+    from tests.conftest import PYTHON, REPO, TINY_RUN, subprocess_env
+
+    script = ("import sys, mdt_ds.checkpoint as c; c.free_bytes = lambda path: 1 << 20; "
+              "from mdt_ds.train import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([PYTHON, "-c", script, *TINY_RUN, f"run_dir={tmp_path / 'run'}", "steps=5"],
+                          env=subprocess_env(MDT_DS_DATA=str(REPO / ".cache" / "data")), capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("mdt-train: error: not enough disk space for this run's checkpoints: one needs about")
+    assert "has 1 MiB free" in last and "no checkpoint has been written yet" in last
+    assert not (tmp_path / "run" / "stats.jsonl").exists()
 
 
 def test_a_moved_run_dir_resumes_but_another_config_is_refused(tmp_path: Path) -> None:
@@ -148,7 +175,8 @@ def test_a_full_disk_names_the_path_and_keeps_the_last_checkpoint(
     first = ckpt.save_training_state(FakeEngine(), FakeEMA(), tmp_path, 2)
     # torch.save's C++ writer on a full disk: no errno, only this; the disk is then asked.
     monkeypatch.setattr(ckpt, "free_bytes", lambda path: 4096)
-    with pytest.raises(CheckpointError, match=r"under .*step_0000004\.tmp failed \(no space left on device\).*intact"):
+    with pytest.raises(CheckpointError, match=r"under .*step_0000004\.tmp failed \(no space left on device\); the "
+                       r"last checkpoint, step_0000002, is intact"):
         ckpt.save_training_state(FakeEngine(RuntimeError("basic_ios::clear: iostream error")), FakeEMA(), tmp_path, 4)
     assert ckpt.find_latest(tmp_path) == first  # the previous checkpoint is the one to resume
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000002"]  # partial removed
