@@ -50,16 +50,17 @@ class ModelConfig:
     """MDTv2 constructor arguments (the release's keyword names) plus the preset they came from."""
 
     preset: str = "MDTv2-S/2"
-    # input_size, in_channels, num_classes: "auto" takes them from the data's manifest (mdt-train)
-    input_size: int | Literal["auto"] = 32
+    # input_size, in_channels, num_classes: "auto" takes them from the data's manifest (mdt-train),
+    # the default, so that a bare `mdt-train` fits its default data; a preset sets the paper's values.
+    input_size: int | Literal["auto"] = AUTO
     patch_size: int = 2
-    in_channels: int | Literal["auto"] = 4
+    in_channels: int | Literal["auto"] = AUTO
     hidden_size: int = 384
     depth: int = 12
     num_heads: int = 6
     mlp_ratio: float = 4.0
     class_dropout_prob: float = 0.1
-    num_classes: int | Literal["auto"] = 1000
+    num_classes: int | Literal["auto"] = AUTO
     learn_sigma: bool = True
     mask_ratio: float | None = 0.3
     decode_layer: int = 6
@@ -121,6 +122,10 @@ class DataConfig:
     shuffle_buffer: int = 1000
     resampled: bool = True
     skip_corrupt: bool = False
+    # Train a model with more label rows than the data has classes (e.g. a 1000-class checkpoint
+    # fine-tuned on a subset): the extra rows stay untrained, and sampling draws only the data's
+    # classes. Off, such a num_classes is a config error.
+    untrained_classes: bool = False
 
 
 @dataclass

@@ -31,8 +31,18 @@ def codec_name_for_source(source: str) -> str:
     return codec.get("source") or codec.get("hub_id") or "mse"
 
 
+def trained_classes(cfg: TrainConfig) -> int:
+    """The classes the run trains on: the model's label rows, or with data.untrained_classes the
+    data's classes (the other rows are never trained, so nothing samples them)."""
+    if not cfg.data.untrained_classes:
+        return int(cfg.model.num_classes)
+    from mdt_ds.data.compat import data_facts
+
+    return min(int(cfg.model.num_classes), data_facts(cfg.data.source)["classes"])
+
+
 def sample_options(d: DiffusionConfig, steps: int, sampler: str | None = None, cfg_scale: float | None = None,
-                   cfg_interval: list[int] | None = None, autocast: str = "none"):
+                   cfg_interval: list[int] | None = None, autocast: str = "none", label_classes: int = 0):
     """How the run samples its grids and in-training FID: ``cfg.diffusion``'s sampler, spacing,
     guidance (at least 1) and interval, each overridable; the model's forward in fp32 unless
     ``autocast`` ("bf16", "fp16") says otherwise."""
@@ -42,7 +52,7 @@ def sample_options(d: DiffusionConfig, steps: int, sampler: str | None = None, c
         cfg_scale=cfg_scale if cfg_scale is not None else max(d.cfg_scale, 1.0), cfg_pow=d.cfg_pow,
         guide_channels=d.guide_channels, sampler=sampler or d.sampler, steps=steps, spacing=d.sample_spacing,
         cfg_interval=d.cfg_interval if cfg_interval is None else cfg_interval, num_timesteps=d.num_timesteps,
-        autocast=autocast,
+        autocast=autocast, label_classes=label_classes,
     )
 
 
@@ -69,7 +79,7 @@ def sample_images(
         model = build_model(cfg.model, device=device)
     model.load_state_dict(state_dict, strict=True)
     model.eval()
-    classes = min(cfg.model.num_classes, max_classes)
+    classes = min(trained_classes(cfg), max_classes)
     labels = torch.arange(classes).repeat_interleave(per_class)
     seeds = [image_seed(cfg.seed, i) for i in range(len(labels))]
     options = sample_options(cfg.diffusion, steps or cfg.diffusion.sample_steps, sampler, cfg_scale, cfg_interval,

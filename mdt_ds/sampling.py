@@ -299,6 +299,9 @@ class SampleOptions:
     spacing: str = "auto"
     cfg_interval: tuple[int, int] | None = None
     num_timesteps: int = 1000  # the diffusion the model was trained on (diffusion.num_timesteps)
+    # Labels come from the first label_classes classes (0: all of the model's label rows): a run
+    # trained on fewer classes than its model has rows (data.untrained_classes) samples its own.
+    label_classes: int = 0
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
@@ -342,6 +345,8 @@ class SampleOptions:
             del out["spacing"]
         if out["num_timesteps"] == 1000:
             del out["num_timesteps"]
+        if not out["label_classes"]:
+            del out["label_classes"]
         if out["cfg_interval"] is None:
             del out["cfg_interval"]
         else:
@@ -362,7 +367,7 @@ def sample_batch(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Images ``indices`` of the run ``global_seed``: (uint8 NHWC RGB, int64 labels); ``stats``
     as in :func:`generate`."""
-    labels = sample_labels(indices, model.num_classes, global_seed, options.labels)
+    labels = sample_labels(indices, options.label_classes or model.num_classes, global_seed, options.labels)
     seeds = [image_seed(global_seed, i) for i in indices]
     latents = generate(
         model,

@@ -524,7 +524,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             model = build_model(cfg.model, device=self.device)  # random init, overwritten at once
         model.load_state_dict(self._gathered_ema(), strict=True)
-        options = sample_options(cfg.diffusion, cfg.fid_steps)
+        options = sample_options(cfg.diffusion, cfg.fid_steps, label_classes=self.loader.num_classes)
         codec, extractor = dist.load_everywhere(lambda: (
             codec_for_source(cfg.data.source, cfg.model.in_channels, device=self.device),
             cached_extractor(cfg.fid_inception or None, self.device),

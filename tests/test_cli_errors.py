@@ -50,6 +50,60 @@ def test_the_model_is_checked_against_the_manifest() -> None:
         fit_model_to_data(config("data.source=/nonexistent/shards"))
 
 
+def test_more_label_rows_than_classes_is_asked_for_explicitly(tmp_path: Path) -> None:
+    """A 20-class model on 10-class data left 10 label rows untrained (one INFO line) and the
+    sampler then drew from all 20: now a config error with auto as the fix, unless asked for
+    (data.untrained_classes=true); then grids, the in-training FID and mdt-sample draw only the
+    10 trained classes, and mdt-sample says so."""
+    import json
+
+    import torch
+
+    from mdt_ds.config import ModelConfig
+    from mdt_ds.data.compat import fit_model_to_data
+    from mdt_ds.grids import trained_classes
+    from mdt_ds.models import build_model
+    from mdt_ds.sampling import SampleOptions, sample_labels
+    from mdt_ds.tools import sample as sample_cli
+
+    with pytest.raises(ConfigError, match=r"model.num_classes=20 would leave 10 label rows untrained for sampling to "
+                                          r"draw from \(set model.num_classes=10 or auto, or data.untrained_classes"):
+        fit_model_to_data(config("model.num_classes=20"))
+    asked = fit_model_to_data(config("model.num_classes=20", "data.untrained_classes=true"))
+    assert asked.model.num_classes == 20 and trained_classes(asked) == 10 and trained_classes(config()) == 10
+    run_file = tmp_path / "config.json"
+    run_file.write_text(json.dumps({"data": {"source": "mnist16"}}))
+    model_cfg = ModelConfig.from_preset("MDTv2-Tiny/2", num_classes=20)
+    assert sample_cli._label_classes(run_file, model_cfg) == 10
+    assert sample_cli._label_classes(None, model_cfg) == 0  # an official checkpoint: every row
+    options = SampleOptions(label_classes=10)
+    assert "label_classes" not in SampleOptions().as_dict() and options.as_dict()["label_classes"] == 10
+    labels = sample_labels(range(200), options.label_classes, 0)
+    assert int(labels.max()) == 9 and len(set(labels.tolist())) == 10
+    from mdt_ds.sampling import sample_batch
+
+    class Pixels:
+        def decode(self, latents: torch.Tensor) -> torch.Tensor:
+            return latents[:, :1].clamp(-1, 1)
+
+    model, few = build_model(model_cfg), SampleOptions(steps=2, sampler="ddim", label_classes=10)
+    _, drawn = sample_batch(model, few.diffusion(), Pixels(), range(64), 0, few)
+    assert int(drawn.max()) < 10 and model.num_classes == 20
+
+
+def test_the_default_config_fits_the_default_data() -> None:
+    """A bare mdt-train used to fail: the default model (S/2 at 32x32x4, 1000 classes) did not
+    fit the default data (16x16 digits, 10 classes). The data fields now default to auto."""
+    from mdt_ds.data.compat import fit_model_to_data
+
+    fitted = fit_model_to_data(TrainConfig())
+    assert (fitted.model.input_size, fitted.model.in_channels, fitted.model.num_classes) == (16, 1, 10)
+    assert fitted.model.hidden_size == 384  # S/2's width
+    dry = subprocess.run([PYTHON, "-m", "mdt_ds.train", "--dry-run"], env=env(), capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+
+
 def test_optimizer_values_and_batch_advice_name_the_key() -> None:
     with pytest.raises(ConfigError, match=r"optim.lr must be >= 0, got -0.001"):
         config("optim.lr=-1e-3")

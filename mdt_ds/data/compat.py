@@ -51,11 +51,16 @@ def fit_model_to_data(cfg: TrainConfig) -> TrainConfig:
     if model.num_classes < facts["classes"]:
         problems.append(f"model.num_classes={model.num_classes} is fewer than the data's labels "
                         f"(set model.num_classes={facts['classes']} or auto)")
+    elif model.num_classes > facts["classes"] and not cfg.data.untrained_classes:
+        problems.append(f"model.num_classes={model.num_classes} would leave {model.num_classes - facts['classes']} "
+                        f"label rows untrained for sampling to draw from (set model.num_classes={facts['classes']} or "
+                        "auto, or data.untrained_classes=true to keep them, e.g. to fine-tune a 1000-class checkpoint)")
     if problems:
         raise ConfigError(f"the model ({model.preset}) does not fit the data: {what}, but " + "; ".join(problems))
     if model.input_size % model.patch_size:
         raise ConfigError(f"model.input_size={model.input_size} is not a multiple of model.patch_size={model.patch_size}")
     if model.num_classes > facts["classes"]:
-        log.warning("model.num_classes=%d but the data has %d classes: the extra label rows stay untrained",
-                    model.num_classes, facts["classes"])
+        log.warning("model.num_classes=%d but the data has %d classes (data.untrained_classes=true): the extra "
+                    "label rows stay untrained; sampling draws the data's %d classes", model.num_classes,
+                    facts["classes"], facts["classes"])
     return dataclasses.replace(cfg, model=model)

@@ -42,6 +42,7 @@ from mdt_ds.tools.sample_inputs import (
     load_state,
     model_config,
     run_config_file,
+    trained_classes,
     trained_timesteps,
 )
 
@@ -375,7 +376,18 @@ def _device(args: argparse.Namespace) -> torch.device:
     return device
 
 
-def _options(args: argparse.Namespace, num_timesteps: int = 1000):
+def _label_classes(run_file: Path | None, cfg: ModelConfig) -> int:
+    """The classes to draw labels from: those the run trained on when its model has more label
+    rows (data.untrained_classes), said in the log; else 0 (every row)."""
+    trained = trained_classes(run_file)
+    if trained is None or trained >= cfg.num_classes:
+        return 0
+    log.info("labels: drawn from the %d classes the run trained on (its model has %d label rows; the others are "
+             "untrained)", trained, cfg.num_classes)
+    return trained
+
+
+def _options(args: argparse.Namespace, num_timesteps: int = 1000, label_classes: int = 0):
     from mdt_ds.sampling import SampleOptions
 
     return SampleOptions(
@@ -391,6 +403,7 @@ def _options(args: argparse.Namespace, num_timesteps: int = 1000):
         rounding=args.rounding,
         autocast=args.autocast,
         num_timesteps=num_timesteps,
+        label_classes=label_classes,
     )
 
 
@@ -409,7 +422,7 @@ def sample_main(args: argparse.Namespace) -> Callable[[], None] | None:
     run_file = run_config_file(args.model, args.config, args.ckpt_file, hub)
     args.vae = choose_codec(args.vae, run_file)
     try:
-        options = _options(args, trained_timesteps(run_file))
+        options = _options(args, trained_timesteps(run_file), _label_classes(run_file, cfg))
     except ValueError as err:  # e.g. --cfg-interval beyond a run trained on fewer timesteps
         raise SampleError(f"{err} (the checkpoint's run has diffusion.num_timesteps="
                           f"{trained_timesteps(run_file)})") from None

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from mdt_ds.config import ModelConfig, TrainConfig, apply_overrides, from_dict
+from mdt_ds.config import ConfigError, ModelConfig, TrainConfig, apply_overrides, from_dict
 
 log = logging.getLogger("mdt_ds.sample")
 DEFAULT_CODEC = "ema"  # sd-vae-ft-ema: the decoder of the paper's FID tables
@@ -131,6 +131,24 @@ def model_config(
 
 
 # --------------------------------------------------------------------------- codec
+def trained_classes(run_file: Path | None) -> int | None:
+    """How many classes the run in ``run_file`` trained on (its data manifest), or None: an
+    official checkpoint, or data this machine cannot read (then every label row is drawn)."""
+    if run_file is None:
+        return None
+    data = _read_json(run_file).get("data")
+    source = data.get("source") if isinstance(data, dict) else None
+    if not source:
+        return None
+    from mdt_ds.data.compat import data_facts
+
+    try:
+        return int(data_facts(source)["classes"])
+    except ConfigError as err:
+        log.warning("cannot read the classes of the training data (%s); labels come from every label row", err)
+        return None
+
+
 def trained_timesteps(run_file: Path | None) -> int:
     """The run's ``diffusion.num_timesteps`` (what its timesteps and guidance schedule mean), or
     the release's 1000 for official checkpoints."""
