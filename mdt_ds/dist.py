@@ -9,14 +9,17 @@ variables; a bare ``python`` has none. :func:`launcher_env` maps each onto the t
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import gc
 import hashlib
+import io
 import logging
 import os
 import re
 import socket
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn, TypeVar
@@ -99,6 +102,29 @@ def export(env: DistEnv) -> None:
     os.environ.update(env.as_environ())
 
 
+class _DropMessages(logging.Filter):
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(f in record.getMessage() for f in self.fragments)
+
+
+def quiet_libraries() -> None:
+    """Keep what libraries print on every start from burying what matters, before they load:
+    DeepSpeed's "Setting accelerator to CPU" (it is: say so), torch's "No CUDA runtime is found"
+    when DeepSpeed builds its CPU op, torch's deprecation of the collective DeepSpeed calls
+    (printed with a stray source line), and DeepSpeed's "untested optimizer" (Adan is a client
+    optimizer on purpose). The shm op's "built successfully" is kept out in :func:`init`."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.all_gather_into_tensor. is deprecated",
+                            category=FutureWarning)
+    logging.getLogger("DeepSpeed").addFilter(_DropMessages("untested optimizer"))
+
+
 # Minutes a collective waits before the group aborts (DeepSpeed's default is 10, NCCL's 10 or
 # 30 by torch version): long enough for any phase that one rank runs while the others wait.
 DEFAULT_TIMEOUT_MIN = 60.0
@@ -118,7 +144,8 @@ def init(argv: Sequence[str] = (), backend: str | None = None, use_deepspeed: bo
         if use_deepspeed:
             import deepspeed
 
-            deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
+            with contextlib.redirect_stdout(io.StringIO()):  # "... shm_comm_op built successfully", every rank
+                deepspeed.init_distributed(dist_backend=backend, verbose=False, timeout=timeout)
         else:
             backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
             torch.distributed.init_process_group(backend, rank=env.rank, world_size=env.world_size, timeout=timeout)

@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     from mdt_ds import preemption
 
     previous = preemption.arm_early()  # before the heavy imports: a USR1 now must not kill the rank
+    dist.quiet_libraries()
     preemption.register_worker()
     if preemption.under_launcher():
         preemption.watch_launcher()

@@ -14,11 +14,11 @@ import torch
 from mdt_ds import dist
 from mdt_ds.checkpoint import (
     CheckpointError,
-    GiB,
     check_free_space,
     estimate_bytes,
     free_bytes,
     has_universal,
+    human_bytes,
     load_training_state,
     measured_bytes,
     read_meta,
@@ -430,11 +430,11 @@ class Trainer:
         snaps = sizes["snapshot"] * len(snapshot_suffixes(cfg.snapshot_format))
         kept_snaps = snaps * (cfg.keep_snapshots or max(1, cfg.steps // max(1, self.snapshot_every or cfg.steps)))
         log.info(
-            "disk: each checkpoint %.3g GiB (%s), +%.3g GiB for the world-size-independent form in every %s, "
-            "each EMA snapshot %.3g GiB; kept: %s checkpoints + %s snapshots = about %.3g GiB; %.3g GiB free under %s",
-            sizes["checkpoint"] / GiB, source, sizes["universal"] / GiB, _nth(cfg.universal_every), snaps / GiB,
-            cfg.keep_ckpts or "all", cfg.keep_snapshots or "all", (kept + kept_snaps) / GiB,
-            free_bytes(self.run_dir) / GiB, self.run_dir,
+            "disk: each checkpoint %s (%s), +%s for the world-size-independent form in every %s, each EMA snapshot "
+            "%s; kept: %s checkpoints + %s snapshots = about %s; %s free under %s", human_bytes(sizes["checkpoint"]),
+            source, human_bytes(sizes["universal"]), _nth(cfg.universal_every), human_bytes(snaps),
+            cfg.keep_ckpts or "all", cfg.keep_snapshots or "all", human_bytes(kept + kept_snaps),
+            human_bytes(free_bytes(self.run_dir)), self.run_dir,
         )
         return sizes
 
@@ -502,8 +502,8 @@ class Trainer:
         if dist.is_main():
             check = free_bytes(self.run_dir) >= self.disk["snapshot"]
             if not check:
-                log.warning("skipping the EMA snapshot of step %d: %.3g GiB free, it needs %.3g GiB", self.step,
-                            free_bytes(self.run_dir) / GiB, self.disk["snapshot"] / GiB)
+                log.warning("skipping the EMA snapshot of step %d: %s free, it needs %s", self.step,
+                            human_bytes(free_bytes(self.run_dir)), human_bytes(self.disk["snapshot"]))
             else:
                 try:
                     path = save_ema_snapshot(state, self.cfg, self.run_dir, self.step)
