@@ -331,9 +331,9 @@ class Trainer:
                 preempted = stop == "signal"
                 break
             self._between_steps()
-        # A preempted run resumes soon: its checkpoint carries the EMA, and an off-schedule
-        # snapshot would push a scheduled one out of keep_snapshots.
-        self.save(snapshot=not preempted, final=True)
+        # A stop writes its EMA snapshot too: the EMA of a run that is stopped and never resumed
+        # must not stay locked in the per-rank shards of a checkpoint.
+        self.save(snapshot=True, final=True)
         if not preempted and cfg.sample_every and self.step % cfg.sample_every:
             self.sample_grid()
         self.monitor.text(self.final_summary("preempted" if preempted else stop or ""))

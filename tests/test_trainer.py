@@ -254,6 +254,7 @@ def test_signal_stops_at_step_boundary_and_resume_matches(tmp_path: Path) -> Non
     assert proc.returncode == 3, err[-3000:]
     stopped_at = len(losses(run))
     assert 3 <= stopped_at < 30 and (run / "checkpoints" / f"step_{stopped_at:07d}" / "meta.json").is_file()
+    assert (run / "snapshots" / f"ema_{stopped_at:07d}.pt").is_file()  # the EMA is not locked in rank shards
     again = train_cli(run, *common)
     assert again.returncode == 0, again.stderr[-3000:]
     assert losses(run) == losses(tmp_path / "full")
