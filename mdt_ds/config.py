@@ -30,7 +30,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         input_size=8, patch_size=2, in_channels=4, num_classes=10, depth=4, hidden_size=64,
         num_heads=4, decode_layer=2,
     ),
-    # The CPU demo (MACHINE_NOTES "Demo recipe"): 16x16 MNIST pixels, 64 tokens, 10 classes.
+    # The CPU demo (README "The demo"; mdt_ds/demo.py): 16x16 MNIST pixels, 64 tokens, 10 classes.
     "MDTv2-Demo/2": dict(
         input_size=16, patch_size=2, in_channels=1, num_classes=10, depth=6, hidden_size=128,
         num_heads=4, decode_layer=2,
@@ -126,6 +126,10 @@ class DataConfig:
     # fine-tuned on a subset): the extra rows stay untrained, and sampling draws only the data's
     # classes. Off, such a num_classes is a config error.
     untrained_classes: bool = False
+    # The VAE that decodes the data's latents (grids, in-training FID): "" is the one the data's
+    # manifest names (mdt-extract-latents --codec); set a folder (or hub id) when that VAE folder
+    # moved, as when data is copied to a cluster. mdt_ds.grids.check_decoder checks it at the start.
+    vae: str = ""
 
 
 @dataclass
@@ -355,6 +359,28 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def _did_you_mean(key: str) -> str:
+    """``lr`` -> "optim.lr": the one place in the config tree where an unknown key's last part is
+    a field (a section's leaf, or a top-level field given under a section); "" when there is no
+    such place or more than one, and the caller lists the allowed keys instead."""
+    leaf = key.rsplit(".", 1)[-1]
+    top = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    hints = typing.get_type_hints(TrainConfig)
+    places = [f"{name}.{leaf}" for name in top if dataclasses.is_dataclass(hints[name])
+              and leaf in {f.name for f in dataclasses.fields(hints[name])}]
+    if "." in key and leaf in top:
+        places.append(leaf)
+    places = [p for p in places if p != key]
+    return places[0] if len(places) == 1 else ""
+
+
+def _unknown_key(key: str, allowed: list[str]) -> ConfigError:
+    near = _did_you_mean(key)
+    if near:
+        return ConfigError(f"unknown key {key}; did you mean {near}?")
+    return ConfigError(f"unknown key {key}; allowed keys: {allowed}")
+
+
 def from_dict(cls: type, data: Any, path: str = "") -> Any:
     """Build dataclass ``cls`` from a dict, rejecting unknown keys and wrong types.
     A model section with a ``preset`` key starts from that preset."""
@@ -366,8 +392,7 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        where = f"{path}." if path else ""
-        raise ConfigError(f"unknown key {where}{unknown[0]}; allowed keys: {names}")
+        raise _unknown_key(f"{path}.{unknown[0]}" if path else unknown[0], names)
     values = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
     if cls is ModelConfig and "preset" in values:
         return ModelConfig.from_preset(values.pop("preset"), **values)
@@ -415,7 +440,7 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
                 raise ConfigError(f"unknown key {'.'.join(parents[: i + 1])} in override {key!r}")
             node = node[part]
         if leaf not in node and not free_form:
-            raise ConfigError(f"unknown key {key}; allowed keys: {sorted(node)}")
+            raise _unknown_key(key, sorted(node))
         if isinstance(node.get(leaf), str) and not isinstance(value, (str, bool)):
             # a text field keeps the text (sample_steps=250, run_dir=2024, activation_checkpointing=[1,4]);
             # true/false stay booleans for a field that takes either (optim.fused: true, false or "auto")

@@ -57,7 +57,7 @@ def labelled_grid(
     cell_h, cell_w = h * scale + 2 * border, w * scale + 2 * border
     gap, label_w, rows = 2, 28, n // per_class
     canvas = Image.new("RGB", (label_w + per_class * (cell_w + gap) + gap, rows * (cell_h + gap) + gap), BACKGROUND)
-    draw, font = ImageDraw.Draw(canvas), _font(max(10, cell_h - 8))
+    draw, font = ImageDraw.Draw(canvas), _font(min(24, max(10, cell_h - 8)))  # fits the 28-px label column
     for i in range(n):
         row, col = divmod(i, per_class)
         x, y = label_w + gap + col * (cell_w + gap), gap + row * (cell_h + gap)
@@ -110,12 +110,16 @@ def _pick(items: list, most: int) -> list:
     return [items[i] for i in sorted(set(idx))]
 
 
-def progress_picture(samples_dir: Path, stats_path: Path, path: Path, most: int = 8, scale: int = 2) -> Path:
+def progress_picture(samples_dir: Path, stats_path: Path, path: Path, most: int = 8, scale: int = 0) -> Path:
     """The training grids ``samples_dir/step_*.png`` (fixed seeds and classes) side by side, each
-    captioned with its step, above the loss curve from ``stats_path``."""
+    captioned with its step, above the loss curve from ``stats_path``. ``scale`` enlarges them;
+    0: by 2 for a grid under 200 px tall (saved at the samples' native size), else not at all
+    (grids are enlarged when drawn now: mdt_ds.sampling.MIN_TILE)."""
     grids = sorted(samples_dir.glob("step_*.png"), key=lambda p: int(re.sub(r"\D", "", p.stem) or 0))
     tiles = [(int(re.sub(r"\D", "", p.stem)), Image.open(p).convert("RGB")) for p in _pick(grids, most)]
-    tiles = [(step, img.resize((img.width * scale, img.height * scale), Image.NEAREST)) for step, img in tiles]
+    factor = [scale or (2 if img.height < 200 else 1) for _, img in tiles]
+    tiles = [(step, img.resize((img.width * k, img.height * k), Image.NEAREST))
+             for (step, img), k in zip(tiles, factor)]
     gap, caption = 8, 18
     tile_w = max((img.width for _, img in tiles), default=0)
     tile_h = max((img.height for _, img in tiles), default=0)

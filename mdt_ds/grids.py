@@ -8,15 +8,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdt_ds.config import DiffusionConfig, TrainConfig
+from mdt_ds.config import ConfigError, DiffusionConfig, TrainConfig
 from mdt_ds.models import build_model
 from mdt_ds.models.codec import PixelCodec, VAECodec, load_codec
 
 
-def codec_for_source(source: str, channels: int, device: torch.device | str | None = None) -> PixelCodec | VAECodec:
+def codec_for_source(source: str, channels: int, device: torch.device | str | None = None,
+                     vae: str = "") -> PixelCodec | VAECodec:
     """The codec that decodes this data source's latents, from its manifest (shard folders and
-    the embedded sets "mnist16", "mnist32", "tiny-latents" alike), on ``device`` (None: CPU)."""
-    return load_codec(codec_name_for_source(source), device=device or "cpu", channels=channels)
+    the embedded sets "mnist16", "mnist32", "tiny-latents" alike), on ``device`` (None: CPU);
+    ``vae`` (``data.vae``) replaces the manifest's VAE (a moved folder)."""
+    return load_codec(vae or codec_name_for_source(source), device=device or "cpu", channels=channels)
 
 
 def codec_name_for_source(source: str) -> str:
@@ -29,6 +31,32 @@ def codec_name_for_source(source: str) -> str:
     if codec.get("name", "pixel") == "pixel":
         return "pixel"
     return codec.get("source") or codec.get("hub_id") or "mse"
+
+
+def check_decoder(cfg: TrainConfig) -> str:
+    """At the start of a run: the decoder its grids and in-training FID will use (``data.vae``,
+    else the data manifest's VAE), checked without loading it. Raises :class:`ConfigError` in one
+    line when it cannot load here (a VAE folder that moved: set data.vae=DIR; a hub id neither
+    cached nor downloadable offline). Returns the codec name, or "" for a run that never decodes
+    (sample_every=0, fid_every=0): it needs no decoder, so none is checked."""
+    from mdt_ds.data.shards import ShardError
+    from mdt_ds.models.codec import CodecError, check_vae
+
+    if not (cfg.sample_every or cfg.fid_every):
+        return ""
+    if cfg.data.vae:
+        name, where = cfg.data.vae, f"data.vae={cfg.data.vae}"
+    else:
+        try:
+            name = codec_name_for_source(cfg.data.source)
+        except ShardError as err:  # the data check reports it, with its own advice
+            raise ConfigError(f"data.source: {err}") from None
+        where = f"the VAE named by the manifest of {cfg.data.source}"
+    try:
+        check_vae(name, "data.vae=DIR")
+    except CodecError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    return name
 
 
 def trained_classes(cfg: TrainConfig) -> int:
@@ -84,7 +112,7 @@ def sample_images(
     seeds = [image_seed(cfg.seed, i) for i in range(len(labels))]
     options = sample_options(cfg.diffusion, steps or cfg.diffusion.sample_steps, sampler, cfg_scale, cfg_interval,
                              autocast)
-    codec = codec_for_source(cfg.data.source, cfg.model.in_channels, device=device)
+    codec = codec_for_source(cfg.data.source, cfg.model.in_channels, device=device, vae=cfg.data.vae)
     with sampling_tf32(device):
         latents = generate(
             model, options.diffusion(), labels, seeds, cfg_scale=options.cfg_scale,
@@ -96,15 +124,31 @@ def sample_images(
     return images.cpu(), labels
 
 
+def class_names(source: str) -> dict[int, str]:
+    """Class index -> name from the data manifest's class map (WNIDs for an ImageNet folder, the
+    digits for MNIST); empty when the manifest cannot be read (callers then write the index)."""
+    from mdt_ds.data.loader import resolve_source
+    from mdt_ds.data.shards import ShardError, read_manifest
+
+    try:
+        classes = read_manifest(resolve_source(source))["classes"]
+    except (ShardError, OSError):
+        return {}
+    return {int(index): str(name) for name, index in classes.items()}
+
+
 def render_grid(cfg: TrainConfig, state_dict: dict[str, torch.Tensor], path: Path, per_class: int = 4,
                 device: torch.device | str | None = None, **kwargs) -> np.ndarray:
     """Sample (one row per class) on ``device``, save a PNG at ``path``, return the grid as
-    uint8 HWC."""
+    uint8 HWC. Small samples are enlarged (nearest) to at least MIN_TILE px, and each row starts
+    with its class name (from the data manifest, else the class index)."""
     from PIL import Image
 
-    from mdt_ds.sampling import save_grid, to_uint8
+    from mdt_ds.sampling import MIN_TILE, save_grid, to_uint8
 
-    images, _ = sample_images(cfg, state_dict, per_class=per_class, device=device, **kwargs)
+    images, labels = sample_images(cfg, state_dict, per_class=per_class, device=device, **kwargs)
+    names = class_names(cfg.data.source)
+    rows = [names.get(int(label), str(int(label))) for label in labels[::per_class]]
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_grid(to_uint8(images), path, nrow=per_class)
+    save_grid(to_uint8(images), path, nrow=per_class, row_labels=rows, min_tile=MIN_TILE)
     return np.asarray(Image.open(path).convert("RGB"))

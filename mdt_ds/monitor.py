@@ -180,7 +180,11 @@ def _cpu_peak_plan(dtype: torch.dtype) -> tuple[int, int]:
 # H100 datasheet: SXM 989 / 494 / 67; PCIe 756 / 378 / 51; NVL 835 / 418 / 60.
 # H200 datasheet: H200 SXM as H100 SXM (same GH100 compute); H200 NVL 835 / 418 / 60.
 # H800 / A800 (export parts): the same compute as H100 / A100, only NVLink differs.
+# V100 datasheet (Volta: fp16 tensor cores only, no bf16, no TF32): SXM2 125 / - / 15.7, PCIe
+# 112 / - / 14; its "TF32" entry is the fp32 rate (fp32 matmuls run there with TF32 allowed too).
 _PEAKS: dict[str, tuple[float, float, float]] = {
+    "V100 SXM2": (125.0, 15.7, 15.7),
+    "V100 PCIe": (112.0, 14.0, 14.0),
     "A100": (312.0, 156.0, 19.5),
     "H100 SXM": (989.0, 494.0, 67.0),
     "H100 PCIe": (756.0, 378.0, 51.0),
@@ -188,6 +192,7 @@ _PEAKS: dict[str, tuple[float, float, float]] = {
     "H200 NVL": (835.0, 418.0, 60.0),
 }
 PEAK_PARTS = (*_PEAKS, "H200")  # names the table answers to (H200 SXM reads as H100 SXM)
+NO_BF16 = ("V100 SXM2", "V100 PCIe")  # no bf16 tensor cores: no dense bf16 peak to divide by
 
 
 def _part(name: str) -> str | None:
@@ -195,6 +200,8 @@ def _part(name: str) -> str | None:
     e.g. "NVIDIA H100 80GB HBM3" is the SXM part, "NVIDIA H200" and "NVIDIA GH200 480GB" count as
     H100 SXM, "NVIDIA A100-SXM4-80GB" and "NVIDIA A100 80GB PCIe" are both A100."""
     n = name.upper()
+    if "V100" in n:  # "Tesla V100-SXM2-32GB", "Tesla V100-PCIE-16GB"; a bare "V100" is the SXM2 part
+        return "V100 PCIe" if "PCIE" in n else "V100 SXM2"
     if "H200" in n:
         return "H200 NVL" if "NVL" in n else "H100 SXM"
     if "H100" in n or "H800" in n:
@@ -211,10 +218,11 @@ def tf32_enabled() -> bool:
 
 def table_peak_flops(name: str, kind: str) -> tuple[float, str] | None:
     """Dense datasheet peak FLOP/s of a GPU named as ``torch.cuda.get_device_name()`` says or for
-    short ("H100", "A100", "H200 NVL"), and the table's part name; ``kind``: "bf16", "fp16",
-    "tf32" or "fp32" (no tensor cores). None: the part is not in the table."""
+    short ("H100", "A100", "V100", "H200 NVL"), and the table's part name; ``kind``: "bf16", "fp16",
+    "tf32" or "fp32" (no tensor cores). None: the part is not in the table (or, for bf16, has
+    no bf16 tensor cores: NO_BF16)."""
     part = _part(name)
-    if part is None:
+    if part is None or (kind == "bf16" and part in NO_BF16):
         return None
     half, tf32, fp32 = _PEAKS[part]
     tflops = {"bf16": half, "fp16": half, "tf32": tf32, "fp32": fp32}[kind]
@@ -237,7 +245,7 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype, measured: float 
         found = table_peak_flops(name, kind)
         if found is not None:
             return found[0], f"{found[1]} dense {label} peak from NVIDIA's datasheet ({name})"
-        label = f"{name}, not in the peak table"
+        label = f"{name}, no bf16 tensor cores" if _part(name) in NO_BF16 else f"{name}, not in the peak table"
     else:
         label = device.type
     flops = measured or measure_peak_flops(device, dtype)

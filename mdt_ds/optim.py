@@ -30,7 +30,7 @@ def _adan_multi_tensor(
     weight_decay: float,
     no_prox: bool,
 ) -> None:
-    """The official Adan update (MACHINE_NOTES "Optimizer"; Xie et al. 2022, Algorithm 1) in 11-13
+    """The official Adan update (Xie et al. 2022, Algorithm 1; github.com/sail-sg/Adan) in 11-13
     multi-tensor passes instead of timm's 16, and with no allocation: lerp for the moving averages,
     bias corrections folded into the step sizes, no weight-decay pass when weight_decay is 0, and
     ``neg_prev`` (dead once n is updated) reused for sqrt(n) before it takes -g. The step is
@@ -189,7 +189,7 @@ def build_optimizer(
     """``adan``: ``Adan`` above (official betas (0.98, 0.92, 0.99), eps 1e-8, proximal weight
     decay unless ``no_prox``), its update fused by ``torch.compile`` when ``cfg.fused`` says so
     (``"auto"``: in a ``compiled_run``); adan-pytorch is not used because it departs from the
-    published update (MACHINE_NOTES). ``adamw``: ``torch.optim.AdamW`` with the first two betas,
+    published update (the official sail-sg/Adan code). ``adamw``: ``torch.optim.AdamW`` with the first two betas,
     fused when every parameter is on CUDA (the engine moves the model there first). Clipping is
     DeepSpeed's global-norm ``gradient_clipping``."""
     params = [p for p in params if p.requires_grad]

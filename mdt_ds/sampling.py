@@ -254,14 +254,46 @@ def as_rgb(images: np.ndarray) -> np.ndarray:
     return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
 
 
-def save_grid(images: np.ndarray | torch.Tensor, path: str | Path, nrow: int = 8, padding: int = 2) -> Path:
+MIN_TILE = 64  # px: smaller samples are enlarged for people to judge (16x16 digits were 16 px tiles)
+
+
+def enlarge(images: np.ndarray, min_size: int = MIN_TILE) -> np.ndarray:
+    """uint8 NHWC enlarged by the smallest whole factor that makes each side at least ``min_size``,
+    nearest-neighbour (a pixel stays a sharp block: no interpolation invents detail)."""
+    factor = -(-min_size // max(1, min(images.shape[1], images.shape[2])))
+    return images if factor <= 1 else images.repeat(factor, axis=1).repeat(factor, axis=2)
+
+
+def _label_column(labels: Sequence[str], rows: int, cell: int, padding: int, height: int) -> np.ndarray:
+    """A black column as tall as the grid with ``labels[r]`` in white, centred on row ``r``."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    try:  # Pillow >= 10.1 scales its built-in font; a fifth of a tile, 10 to 24 px
+        font = ImageFont.load_default(size=min(24, max(10, cell // 5)))
+    except TypeError:
+        font = ImageFont.load_default()
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = 2 * padding + 4 + max(int(draw.textlength(str(t), font=font)) for t in labels)
+    column = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(column)
+    for r in range(min(rows, len(labels))):
+        y = padding + r * (cell + padding) + cell // 2
+        draw.text((width // 2, y), str(labels[r]), fill=(255, 255, 255), font=font, anchor="mm")
+    return np.asarray(column)
+
+
+def save_grid(images: np.ndarray | torch.Tensor, path: str | Path, nrow: int = 8, padding: int = 2,
+              row_labels: Sequence[str] | None = None, min_tile: int = 0) -> Path:
     """Write a PNG grid, ``nrow`` images per row (torchvision's ``make_grid`` layout, black
-    padding). ``images``: uint8 NHWC (array or tensor) or float [-1, 1] NCHW tensor."""
+    padding). ``images``: uint8 NHWC (array or tensor) or float [-1, 1] NCHW tensor. Images
+    smaller than ``min_tile`` px are enlarged first (:func:`enlarge`); ``row_labels`` (e.g. one
+    class name per row) are written in a column on the left (the grid is then saved as RGB)."""
     if isinstance(images, torch.Tensor):
         images = images.cpu().numpy() if images.dtype == torch.uint8 else to_uint8(images)
     images = np.asarray(images)
     if images.dtype != np.uint8 or images.ndim != 4:
         raise ValueError(f"save_grid needs uint8 NHWC images, got {images.dtype} {images.shape}")
+    images = enlarge(images, min_tile) if min_tile else images
     n, h, w, c = images.shape
     ncol = max(1, min(nrow, n))
     rows = -(-n // ncol)
@@ -270,6 +302,10 @@ def save_grid(images: np.ndarray | torch.Tensor, path: str | Path, nrow: int = 8
         r, q = divmod(i, ncol)
         y, x = padding + r * (h + padding), padding + q * (w + padding)
         grid[y : y + h, x : x + w] = img
+    if row_labels:
+        rgb = as_rgb(grid[None])[0]
+        grid = np.concatenate([_label_column(row_labels, rows, h, padding, len(grid)), rgb], axis=1)
+        c = 3
     from PIL import Image
 
     path = Path(path)

@@ -259,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(
         prog="mdt-launch",
+        usage="%(prog)s [-h] [--grace GRACE] -- LAUNCHER ARGS...",
         formatter_class=HelpFormatter,
         description="Run a launcher (torchrun, deepspeed) so that preemption exits 3 and "
         "warning signals reach the training processes. Usage: mdt-launch [--grace S] -- LAUNCHER ARGS...",

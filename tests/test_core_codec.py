@@ -85,3 +85,37 @@ def test_missing_hub_weights_offline_fail_clearly(monkeypatch: pytest.MonkeyPatc
 def test_unknown_codec_name() -> None:
     with pytest.raises(CodecError, match="pixel"):
         load_codec("jpeg")
+
+
+def test_a_missing_local_vae_folder_is_not_advised_as_a_hub_download(tmp_path) -> None:
+    """A moved VAE folder (as a manifest records it) was tried as a hub id: `hf download /a/path`."""
+    for name in (str(tmp_path / "moved-vae"), "./moved-vae", "runs/x/vae"):
+        with pytest.raises(CodecError) as err:
+            load_codec(name)
+        assert str(err.value) == (f"the VAE folder {name} does not exist (moved, or not copied to this machine?): "
+                                  "pass the path where it is now")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CodecError, match=r"empty is not a VAE folder \(it holds no config.json.*pass the folder that does$"):
+        load_codec(str(tmp_path / "empty"))
+
+
+def test_a_hub_vae_comes_from_the_local_cache_before_the_network(tiny_vae, monkeypatch) -> None:
+    """Online (HF_HUB_OFFLINE unset), a cached hub id made the hub client retry the network
+    (28 s here) before loading: the cache is tried first; only a miss goes online."""
+    from diffusers import AutoencoderKL
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    calls: list[bool] = []
+    cached = {"stabilityai/sd-vae-ft-ema"}
+
+    def from_pretrained(repo, local_files_only=False, **kwargs):
+        calls.append(local_files_only)
+        if local_files_only and repo not in cached:
+            raise OSError(f"{repo} is not in the cache")
+        return tiny_vae.vae
+
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", from_pretrained)
+    assert VAECodec.from_pretrained("ema").source == "stabilityai/sd-vae-ft-ema" and calls == [True]
+    calls.clear()
+    VAECodec.from_pretrained("someone/other-vae")
+    assert calls == [True, False]  # not cached: then downloaded

@@ -21,7 +21,7 @@ from mdt_ds.models import build_model
 
 pytestmark = pytest.mark.core
 
-PAPER = {  # depth, hidden, heads, decoder blocks (MDTV2_REFERENCE.md section 1)
+PAPER = {  # depth, hidden, heads, decoder blocks (Gao et al. 2023, MDTv2, and the sail-sg/MDT release)
     "MDTv2-S/2": (12, 384, 6, 6),
     "MDTv2-B/2": (12, 768, 12, 6),
     "MDTv2-L/2": (24, 1024, 16, 4),
@@ -335,3 +335,20 @@ def test_compile_with_zero3_is_refused_in_one_line() -> None:
     with pytest.raises(ConfigError, match="compile=true with zero_stage=3 is not supported"):
         apply_overrides(TrainConfig(), ["compile=true", "zero_stage=3"])
     assert apply_overrides(TrainConfig(), ["compile=true", "zero_stage=2"]).compile
+
+
+def test_a_key_without_its_section_is_pointed_to_it(tmp_path) -> None:
+    """`mdt-train lr=1e-3` listed the 36 top-level keys; a key that is the leaf of exactly one
+    section (or a top-level key given under a section) now says where it lives."""
+    for override, message in (("lr=1e-3", "unknown key lr; did you mean optim.lr?"),
+                              ("cfg_scale=2", "unknown key cfg_scale; did you mean diffusion.cfg_scale?"),
+                              ("optim.seed=1", "unknown key optim.seed; did you mean seed?")):
+        with pytest.raises(ConfigError) as err:
+            apply_overrides(TrainConfig(), [override])
+        assert str(err.value) == message
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 0.001\n")
+    with pytest.raises(ConfigError, match=r"^unknown key lr; did you mean optim.lr\?$"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"^unknown key optim.lrate; allowed keys: \['betas'"):
+        apply_overrides(TrainConfig(), ["optim.lrate=1"])  # no field of that name anywhere: the list

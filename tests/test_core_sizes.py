@@ -35,7 +35,7 @@ def meta_models():
 
 
 def expected_keys(model) -> dict[str, tuple[int, ...]]:
-    """The release's key list (MDTV2_REFERENCE.md), with shapes derived from the preset."""
+    """The official release's key list (github.com/sail-sg/MDT), with shapes derived from the preset."""
     d, heads, p, c = model.hidden_size, model.num_heads, model.patch_size, model.in_channels
     length = model.x_embedder.num_patches
     grid = model.x_embedder.grid_size

@@ -284,3 +284,50 @@ def test_image_tars_input_with_the_pixel_codec(folder: Path, tmp_path: Path) -> 
         expected = center_crop_arr(Image.open(item.source).convert("RGB"), 32)
         assert torch.equal(pixels[i], torch.from_numpy(expected).permute(2, 0, 1)) and labels[i] == item.label
     assert json.loads((out / "extract_config.json").read_text())["num_inputs"] == 40
+
+
+def test_inputs_that_point_the_wrong_way_say_where_to_point(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A missing --input said "no tar files match"; the folder above train/ said a class folder
+    "holds no images"."""
+    root = tmp_path / "imagenet"
+    make_image_folder(root / "train", classes=1, per_class=1)
+    (root / "val" / "n00000000").mkdir(parents=True)
+    cases = {
+        tmp_path / "missing": f"input {tmp_path / 'missing'} does not exist; pass an ImageNet-style train/ folder",
+        root: f"{root} looks one level too high: {root / 'train'} holds folders, not images; "
+              f"pass its train/ subfolder ({root / 'train'})",
+    }
+    for given, says in cases.items():
+        caplog.clear()
+        assert run_inprocess(["--input", str(given), "--output", str(tmp_path / "out"), *COMMON]) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1 and says in errors[0], errors
+
+
+def test_links_and_hidden_names_in_tars_are_counted_as_skipped(folder: Path, tmp_path: Path) -> None:
+    """Symlink and hardlink members were dropped without a word (neither images nor skipped), and
+    a hidden ``dir/.jpg`` became a sample whose id has no name: each is now skipped, named, with why."""
+    jpeg = (folder / "n00000000" / "img_000.JPEG").read_bytes()
+    (tmp_path / "in").mkdir()
+    with tarfile.open(tmp_path / "in" / "a.tar", "w") as tar:
+        def add(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "") -> None:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname, info.size = kind, link, len(data)
+            tar.addfile(info, io.BytesIO(data) if data else None)
+
+        add("s0.jpg", jpeg), add("s0.cls", b"0"), add("s1.jpg", jpeg), add("s1.cls", b"1")
+        add("s2.jpg", kind=tarfile.SYMTYPE, link="s0.jpg"), add("s2.cls", b"0")
+        add("s3.jpg", kind=tarfile.LNKTYPE, link="s1.jpg"), add("s3.cls", b"1")
+        add("dir/.jpg", jpeg), add("dir/.cls", b"1")
+    out = tmp_path / "out"
+    argv = ["--input", str(tmp_path / "in"), "--output", str(out), "--codec", "pixel", "--image-size", "32",
+            "--workers", "0", "--no-progress"]
+    assert run_inprocess(argv) == 0
+    manifest = shards.read_manifest(out)
+    skipped = {s["key"]: s["reason"] for s in manifest["skipped"]}
+    assert manifest["num_samples"] == 2 and manifest["num_skipped"] == 3 and manifest["classes"] == {"0": 0, "1": 1}
+    assert skipped == {
+        "a.tar/s2.jpg": "a symbolic link to 's0.jpg', not an image; store the image itself in the tar",
+        "a.tar/s3.jpg": "a hard link to 's1.jpg', not an image; store the image itself in the tar",
+        "a.tar/dir/.jpg": "a hidden file name (no sample key)",
+    }

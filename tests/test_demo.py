@@ -121,3 +121,39 @@ def test_scoring_samples_with_the_sampler_it_reports(tmp_path: Path, monkeypatch
     scores = demo.sample_and_score(run, per_class=1, sampler=sampler)
     assert [(c["sampler"], c["steps"], c["cfg_scale"]) for c in calls] == [("dpm++2m", 7, 3.0), ("dpm++2m", 7, 1.0)]
     assert scores["samples"] == 10 and Path(scores["grid"]).is_file()
+
+
+def test_a_rerun_of_a_finished_demo_keeps_the_timings_of_the_run_that_trained(tmp_path: Path, monkeypatch) -> None:
+    """Rerunning a finished `make demo` trains nothing (8 s) and overwrote the report with that
+    no-op's time for 96,000 images; now it re-scores and keeps the timings of the launch that
+    trained. A launch that did train reports its own."""
+    import mdt_ds.data.demo
+    from mdt_ds.config import load_config, save_config
+
+    run = tmp_path / "demo"
+    (run / "snapshots").mkdir(parents=True)
+    save_config(load_config(None, demo.DEMO_OVERRIDES), run / "config.json")
+    finished = run / "snapshots" / "ema_0000040.pt"
+    launches = [(40, 400.0, 380.0), (40, 8.0, None)]  # (snapshot step after the launch, seconds, estimate)
+
+    def fake_training(run_dir, steps, minutes, nproc, seed, threads):
+        step, seconds, estimate = launches.pop(0)
+        (run_dir / "snapshots" / f"ema_{step:07d}.pt").touch()
+        return {"train_seconds": seconds, "estimate_seconds": estimate}
+
+    accuracy = iter([0.5, 0.75])
+    monkeypatch.setattr(mdt_ds.data.demo, "ensure_mnist_shards", lambda **kw: "embedded")
+    monkeypatch.setattr(demo, "run_training", fake_training)
+    monkeypatch.setattr(demo, "progress_picture", lambda *args: None)
+    monkeypatch.setattr(demo, "sample_and_score", lambda run_dir, per_class: {
+        "snapshot": str(finished), "conditional_accuracy": next(accuracy), "conditional_accuracy_cfg1": 0.5,
+        "classifier_heldout_accuracy": 0.9, "per_class_accuracy": [0.5] * 10, "grid": "g.png"})
+    argv = [f"--run-dir={run}", "--steps=40"]
+    assert demo.main(argv) == 0
+    first = json.loads((run / "demo_report.json").read_text())
+    assert (first["train_seconds"], first["estimate_seconds"]) == (400.0, 380.0) and "rescore_seconds" not in first
+    assert demo.main(argv) == 0  # already at step 40: training is a no-op
+    again = json.loads((run / "demo_report.json").read_text())
+    facts = ("train_seconds", "estimate_seconds", "total_seconds")
+    assert [again[k] for k in facts] == [first[k] for k in facts] and again["train_seconds"] == 400.0
+    assert again["conditional_accuracy"] == 0.75 and again["rescore_seconds"] >= 0  # re-scored

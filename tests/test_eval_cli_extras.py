@@ -98,16 +98,20 @@ def test_show_writes_a_labelled_grid(tmp_path, capsys) -> None:
     assert cli.main(["show", str(labelled), "--nrow", "4"]) == 0
     assert "10 of 10 images, 4 per row, labelled" in capsys.readouterr().out
     grid = Image.open(tmp_path / "s.grid.png")
-    assert grid.size == (4 * (32 + 2) + 2, 3 * (32 + 2) + 2)  # save_grid's layout, 2 px padding
+    # 32-px images are enlarged (nearest) to 64-px tiles before labelling; save_grid's layout, 2 px padding
+    assert grid.size == (4 * (64 + 2) + 2, 3 * (64 + 2) + 2)
     assert cli.main(["show", str(plain), "--nrow", "4", "--out", str(tmp_path / "p.png")]) == 0
     assert cli.main(["show", str(labelled), "--nrow", "4", "--no-labels", "--out", str(tmp_path / "n.png")]) == 0
     a, b, c = (np.asarray(Image.open(tmp_path / name)) for name in ("s.grid.png", "p.png", "n.png"))
     assert np.array_equal(b, c) and not np.array_equal(a, b)
+    tile = b[2:66, 2:66]
+    assert np.array_equal(tile, np.asarray(AdmBatch(tmp_path / "plain.npz").images[0]).repeat(2, 0).repeat(2, 1))
     changed = np.argwhere((a != b).any(-1))  # only the label boxes in each tile's top-left corner
-    assert len({(y // 34, x // 34) for y, x in changed}) == 10
-    assert all((y % 34) < 18 and (x % 34) < 18 for y, x in changed)
+    assert len({(y // 66, x // 66) for y, x in changed}) == 10
+    corners = {(y // 66, x // 66): (y % 66, x % 66) for y, x in changed}  # the last changed pixel per tile
+    assert all((y % 66) < 16 for y, x in changed) and all(dy * dx < 64 * 64 / 8 for dy, dx in corners.values())
     assert cli.main(["show", str(labelled), "--max", "5", "--nrow", "4", "--out", str(tmp_path / "m.png")]) == 0
-    assert Image.open(tmp_path / "m.png").size == (138, 2 * 34 + 2)
+    assert Image.open(tmp_path / "m.png").size == (266, 2 * 66 + 2)
 
 
 def test_show_bad_input_is_one_error_line(tmp_path, capsys) -> None:
@@ -115,6 +119,41 @@ def test_show_bad_input_is_one_error_line(tmp_path, capsys) -> None:
     assert cli.main(["show", str(tmp_path / "nchw.npz")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("mdt-eval: error:") and "NCHW" in err[0]
+
+
+# --------------------------------------------------------------------------- ordinary mistakes
+def one_error(capsys) -> str:
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mdt-eval: error: ") and "Traceback" not in captured.err, lines
+    return lines[0]
+
+
+def test_object_arrays_and_bad_ref_sources_are_one_line_exit_2(tmp_path, capsys) -> None:
+    """Each was a traceback: an object array (np.load needs allow_pickle) as samples or as the
+    reference; `ref` on the folder above train/, on an empty class folder, on a missing path."""
+    objects = tmp_path / "objects.npz"
+    np.savez(objects, arr_0=np.array([np.zeros((2, 2)), np.zeros(3)], dtype=object))
+    good = write_batch(tmp_path / "good.npz", 4, 32)
+    for ref, sample in ((good, objects), (objects, good)):
+        assert cli.main([str(ref), str(sample), *TINY]) == 2
+        line = one_error(capsys)
+        assert f"{objects}: arr_0 is an object array (dtype=object)" in line and "np.savez(path, np.stack(" in line
+    root = tmp_path / "imagenet"  # ImageNet-style root: train/ and val/ beside each other
+    for split in ("train", "val"):
+        (root / split / "n01").mkdir(parents=True)
+        Image.new("RGB", (40, 40)).save(root / split / "n01" / "a.JPEG")
+    (root / "train" / "n02").mkdir()  # an empty class folder
+    cases = {
+        root: f"{root} looks one level too high: {root / 'train'} holds folders, not images; pass its train/ "
+              f"subfolder ({root / 'train'})",
+        root / "train": f"class folder {root / 'train' / 'n02'} holds no images",
+        tmp_path / "nope": f"input {tmp_path / 'nope'} does not exist; pass an ImageNet-style train/ folder",
+    }
+    for source, says in cases.items():
+        assert cli.main(["ref", str(source), str(tmp_path / "ref.npz"), *TINY, "--workers", "0"]) == 2
+        assert says in one_error(capsys)
+    assert not (tmp_path / "ref.npz").exists()
 
 
 # --------------------------------------------------------------------------- help

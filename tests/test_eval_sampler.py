@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from mdt_ds.diffusion import create_diffusion
 from mdt_ds.dist import derive_seed, free_port
@@ -300,6 +301,37 @@ def test_changed_settings_are_refused(tiny_ckpt, tmp_path, capsys) -> None:
     assert sample_cli.main(base + ["--max-batches", "1"]) == 0  # settings bind once a shard exists
     assert sample_cli.main(base + ["--seed", "6"]) == 2
     assert "other settings (seed)" in capsys.readouterr().err
+
+
+def test_training_grids_are_enlarged_and_their_rows_labelled(tmp_path) -> None:
+    """The demo's training grids were 74x182 px (16-px digits at native size) without labels:
+    samples under 64 px are enlarged (nearest) to 64-px tiles, and each row starts with its class
+    name from the data manifest."""
+    import mdt_ds.grids as grids
+    from mdt_ds.config import TrainConfig, apply_overrides
+
+    cfg = apply_overrides(TrainConfig(), ["model.preset=MDTv2-Tiny/2", "model.input_size=16", "model.in_channels=1",
+                                          "model.num_classes=10", "data.source=mnist16"])
+    assert grids.class_names("mnist16") == {c: str(c) for c in range(10)}
+    grid = grids.render_grid(cfg, build_model(cfg.model).state_dict(), tmp_path / "g.png", per_class=2,
+                             max_classes=3, steps=2)
+    tiles = grid[:, -(2 * 66 + 2):]  # 2 per row, 64-px tiles, 2 px padding
+    assert grid.shape[0] == 3 * 66 + 2 and grid.shape[1] > tiles.shape[1]
+    tile = tiles[2:66, 2:66, 0]
+    assert np.array_equal(tile, tile[::4, ::4].repeat(4, 0).repeat(4, 1))  # each pixel a 4x4 block
+    column = grid[:, : grid.shape[1] - tiles.shape[1], 0]  # the labels: white on black, one per row
+    rows = [column[2 + r * 66 : 2 + r * 66 + 64] for r in range(3)]
+    assert all(row.max() > 128 for row in rows) and not np.array_equal(rows[0], rows[1])
+    assert (column[:2] == 0).all() and np.asarray(Image.open(tmp_path / "g.png").convert("RGB")).shape == grid.shape
+
+
+def test_save_grid_row_labels_and_enlarging(tmp_path) -> None:
+    images = np.full((4, 8, 8, 1), 200, dtype=np.uint8)
+    plain = np.asarray(Image.open(save_grid(images, tmp_path / "a.png", nrow=2)))
+    labelled = np.asarray(Image.open(save_grid(images, tmp_path / "b.png", nrow=2, row_labels=["cat", "dog"],
+                                               min_tile=64)))
+    assert plain.shape == (2 * 10 + 2, 2 * 10 + 2) and labelled.shape[0] == 2 * 66 + 2 and labelled.ndim == 3
+    assert labelled.shape[1] > 2 * 66 + 2 and (labelled[:, -(2 * 66 + 2):][2:66, 2:66] == 200).all()
 
 
 # --------------------------------------------------------------------------- grids and FID on the device

@@ -151,7 +151,8 @@ def test_text_report(capsys) -> None:
         "h per 100K steps",
         "GPU-hours",
         "Latent extraction",
-        "MDTV2_REFERENCE.md",
+        "Gao et al. 2023",
+        "sail-sg/MDT",
         "each checkpoint",
     ):
         assert phrase in text, phrase

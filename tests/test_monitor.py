@@ -110,3 +110,19 @@ def test_summary_lines_fire_in_short_runs_too() -> None:
     assert summary_interval(100, 400_000) == 1000  # every 10th logged step on a long run
     assert summary_interval(1, 20) == 2 and summary_interval(1, 5) == 1  # ~10 lines on short ones
     assert summary_interval(10, 50) == 10 and summary_interval(0, 10) == 1
+
+
+def test_v100_has_fp16_and_fp32_peaks_and_no_bf16_one(monkeypatch, matmul_precision) -> None:
+    """The docs recommend fp16 on V100s: the table has their dense fp16 tensor-core and fp32
+    peaks; bf16 (no tensor cores for it) is measured, saying why."""
+    for name, half, fp32, part in (("Tesla V100-SXM2-32GB", 125, 15.7, "V100 SXM2"),
+                                   ("Tesla V100-PCIE-16GB", 112, 14, "V100 PCIe")):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        flops, source = device_peak_flops(torch.device("cuda", 0), torch.float16)
+        assert flops == half * 1e12 and part in source
+        for precision in ("high", "highest"):  # no TF32 on Volta: fp32 either way
+            torch.set_float32_matmul_precision(precision)
+            assert device_peak_flops(torch.device("cuda", 0), torch.float32)[0] == fp32 * 1e12
+        monkeypatch.setattr(monitor, "measure_peak_flops", lambda d, t: 1e13)
+        assert device_peak_flops(torch.device("cuda", 0), torch.bfloat16) == (
+            1e13, f"measured large-matmul peak ({name}, no bf16 tensor cores, bfloat16)")

@@ -255,3 +255,75 @@ def test_rank_0_packs_after_every_rank_left_the_group(monkeypatch, capsys, fails
     sample_cli.main(["--ckpt", "x.pt", "--num-samples", "50000"])
     assert events == ["init", "sampled", "teardown True", "pack", f"exit {2 if fails else 0}"]
     assert ("have 10 of 50000 images" in capsys.readouterr().err) == fails
+
+
+# --------------------------------------------------------------------------- nothing misleading
+def test_a_checkpoint_folder_or_a_json_file_as_ckpt_says_what_to_pass(tmp_path, capsys) -> None:
+    """A step folder said "does not exist"; a config.json got the crafted-pickle refusal."""
+    run_dir = tmp_path / "run"
+    step = run_dir / "checkpoints" / "step_0000100"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text("{}")
+    config = run_dir / "config.json"
+    config.write_text(json.dumps(to_dict(TrainConfig())))
+    expected = {
+        step: f"{step} is a training checkpoint folder, not a weights file: use an EMA snapshot "
+              f"({run_dir / 'snapshots'}/ema_*.pt), or convert it: "
+              f"python -m mdt_ds.tools.convert_checkpoint {step} OUT.pt",
+        config: f"{config} is not a checkpoint (it holds JSON, e.g. a run's config.json): expected a state_dict",
+    }
+    for ckpt, says in expected.items():
+        code, err = run(capsys, "--ckpt", str(ckpt), *TINY, "--vae", "tiny-random", *FAST)
+        line = one_error_line(err)
+        assert code == 2 and says in line and "pickled code" not in line, line
+
+
+def test_a_moved_vae_folder_fails_at_the_start_and_vae_points_to_it(tmp_path, capsys, monkeypatch, caplog) -> None:
+    """The manifest names the VAE folder the latents were made with; moved, mdt-sample said
+    `hf download /a/local/path` after loading the model. Now: one line before the checkpoint
+    loads, and --vae DIR (the folder's new place) samples without a warning."""
+    from mdt_ds.models.codec import load_codec
+
+    moved = tmp_path / "vae-was-here"
+    snapshot = make_run(tmp_path / "run", str(moved))
+    argv = ["--ckpt", str(snapshot), "--output", str(tmp_path / "s.npz"), *FAST]
+    with monkeypatch.context() as patch:
+        patch.setattr(sample_cli, "load_state", lambda path: pytest.fail("the checkpoint loaded before the VAE check"))
+        code, err = run(capsys, *argv)
+    assert code == 2 and one_error_line(err) == (
+        f"mdt-sample: error: the VAE folder {moved} does not exist (moved, or not copied to this machine?): "
+        "pass --vae DIR, DIR being where it is now")
+    now = tmp_path / "vae-now"
+    load_codec("tiny-random").vae.save_pretrained(str(now))
+    with caplog.at_level(logging.INFO, logger="mdt_ds.sample"):
+        code, err = run(capsys, *argv, "--vae", str(now))
+    assert code == 0, err
+    assert f"the run's VAE folder {moved} is not here; decoding with --vae {now}" in caplog.text
+    assert "differs from the codec" not in caplog.text
+
+
+def test_a_run_checks_its_decoder_at_the_start_and_data_vae_points_to_a_moved_one(tmp_path, monkeypatch) -> None:
+    """check_decoder (the trainer calls it before the first step) names data.vae for a moved
+    folder and gives `hf download` advice for a hub id only; data.vae decodes the grids."""
+    from mdt_ds.config import apply_overrides
+    from mdt_ds.grids import check_decoder, codec_for_source
+    from mdt_ds.models.codec import load_codec
+
+    moved = tmp_path / "vae-was-here"
+    data = make_run(tmp_path / "run", str(moved)).parent.parent / "latents"
+    assert check_decoder(apply_overrides(TrainConfig(), [f"data.source={data}"])) == ""  # it never decodes
+    cfg = apply_overrides(TrainConfig(), [f"data.source={data}", "sample_every=100"])
+    with pytest.raises(ConfigError) as err:
+        check_decoder(cfg)
+    assert str(err.value) == (f"the VAE named by the manifest of {data}: the VAE folder {moved} does not exist "
+                              "(moved, or not copied to this machine?): pass data.vae=DIR, DIR being where it is now")
+    now = tmp_path / "vae-now"
+    load_codec("tiny-random").vae.save_pretrained(str(now))
+    cfg = apply_overrides(cfg, [f"data.vae={now}"])
+    assert check_decoder(cfg) == str(now) and codec_for_source(str(data), 4, vae=cfg.data.vae).source == str(now)
+    with pytest.raises(ConfigError, match=rf"^data.vae={tmp_path / 'gone'}: the VAE folder .* does not exist"):
+        check_decoder(apply_overrides(cfg, [f"data.vae={tmp_path / 'gone'}"]))
+    use_hub_cache(monkeypatch, tmp_path / "empty-hub")
+    with pytest.raises(ConfigError) as err:
+        check_decoder(apply_overrides(cfg, ["data.vae=stabilityai/sd-vae-ft-ema"]))
+    assert "hf download stabilityai/sd-vae-ft-ema" in str(err.value) and "(data.vae=DIR)" in str(err.value)

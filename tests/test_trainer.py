@@ -479,7 +479,8 @@ def bare_trainer(tmp_path: Path, *overrides: str, objective=None, device: str = 
     trainer.monitor, trainer.last_ckpt = FakeMonitor(), None
     trainer.disk = {"checkpoint": 0, "universal": 0, "snapshot": 0}
     trainer.resume_meta = {}
-    trainer.loader = type("FakeLoader", (), {"skipped_samples": 0, "position": lambda self, step: {"step": step}})()
+    trainer.loader = type("FakeLoader", (), {"skipped_samples": 0, "num_classes": 10,
+                                             "position": lambda self, step: {"step": step}})()
     if device == "cpu":
         trainer._reset_guards()
     return trainer
@@ -761,10 +762,13 @@ def test_a_run_saved_before_the_comm_settings_resumes(tmp_path: Path) -> None:
     from mdt_ds.train import config_change
 
     old = to_dict(TrainConfig())
-    old.pop("comm"), old.pop("universal_every")
+    old.pop("comm"), old.pop("universal_every"), old["data"].pop("untrained_classes")
     saved = tmp_path / "config.json"
     saved.write_text(json.dumps(old))
     assert config_change(saved, apply_overrides(TrainConfig(), ["comm.timeout_min=90", "universal_every=1"])) is None
+    assert config_change(saved, TrainConfig()) is None  # a key the old run lacked, at its default: unchanged
+    assert "changed: data.untrained_classes" in config_change(
+        saved, apply_overrides(TrainConfig(), ["data.untrained_classes=true"]))
     assert "changed: precision" in config_change(saved, apply_overrides(TrainConfig(), ["precision=bf16-amp"]))
 
 

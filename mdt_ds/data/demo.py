@@ -4,7 +4,7 @@ VAE (tests of the VAE path).
 
 - ``mnist32``: 28x28 digits padded to 32x32x1, stored as uint8 pixels.
 - ``mnist16``: the 32x32 digits average-pooled 2x2 to 16x16x1, stored as float16 in [-1, 1]: the
-  variant that trains within a CPU demo budget (MACHINE_NOTES "Demo recipe").
+  variant that trains within a CPU demo budget (README "The demo").
 
 The last 50 digits of each class (500 in all) are a fixed held-out split, stored as a separate
 shard that the training stream never reads; the demo scores generated digits with a classifier

@@ -79,6 +79,9 @@ class Item:
     member: str  # "" for files; the image member name inside the tar
     label: int
     key: str
+    # Set for an input listed but not readable as an image (a link in a tar, a hidden name): the
+    # extractor counts it as skipped with this reason, like an image that fails to decode.
+    problem: str = ""
 
 
 def list_image_folder(root: str | Path) -> tuple[list[Item], dict[str, int]]:
@@ -95,12 +98,25 @@ def list_image_folder(root: str | Path) -> tuple[list[Item], dict[str, int]]:
     for d in class_dirs:
         files = sorted(f for f in os.listdir(d) if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
         if not files:
+            _check_level(root, d)
             raise InputError(
                 f"class folder {d} holds no images ({', '.join(IMAGE_EXTENSIONS)}); "
                 "remove it or add its images, since it would shift every class index after it"
             )
         items.extend(Item(str(d / f), "", classes[d.name], f"{d.name}/{f}") for f in files)
     return items, classes
+
+
+def _check_level(root: Path, empty: Path) -> None:
+    """An image-less "class folder" that holds folders means ``root`` is the tree's root (train/
+    and val/ beside each other), one level above the class folders: say so, not "holds no images"."""
+    if not any(p.is_dir() for p in empty.iterdir()):
+        return
+    split = root / "train" if (root / "train").is_dir() else empty
+    raise InputError(
+        f"{root} looks one level too high: {empty} holds folders, not images; "
+        f"pass its {split.name}/ subfolder ({split}), whose subfolders are the classes"
+    )
 
 
 def expand_tar_input(spec: str) -> list[str]:
@@ -112,43 +128,76 @@ def expand_tar_input(spec: str) -> list[str]:
     else:
         paths = sorted({p for pattern in braceexpand.braceexpand(spec) for p in glob.glob(pattern)})
     if not paths:
+        if not any(c in spec for c in "*?[{"):  # a plain path, not a pattern: it is simply not there
+            raise InputError(
+                f"input {spec} does not exist; pass an ImageNet-style train/ folder (<wnid>/*.JPEG), "
+                "a folder of .tar files, or a glob/brace pattern of tars"
+            )
         raise InputError(f"no tar files match {spec!r}")
     return paths
 
 
 def list_image_tars(paths: Sequence[str]) -> tuple[list[Item], dict[str, int]]:
     """Index image webdataset tars (``<key>.jpg`` + ``<key>.cls`` integer label). Only headers and the
-    small label members are read; images are fetched later by member name."""
-    from webdataset.tariterators import base_plus_ext
-
+    small label members are read; images are fetched later by member name. Image members that
+    cannot be samples (links, hidden names) are listed with their reason, to be counted as skipped."""
     items: list[Item] = []
     labels: set[int] = set()
     for path in paths:
-        images: dict[str, str] = {}
-        found: dict[str, int] = {}
-        try:
-            with tarfile.open(path, "r:") as tar:
-                for member in tar:
-                    key, ext = base_plus_ext(member.name)  # webdataset's own key/extension split
-                    if not member.isreg() or key is None:
-                        continue
-                    ext = ext.lower()
-                    if ext in TAR_IMAGE_KEYS:
-                        images[key] = member.name
-                    elif ext in TAR_LABEL_KEYS:
-                        found[key] = int(tar.extractfile(member).read().decode().strip())
-        except (tarfile.TarError, OSError, ValueError) as err:
-            raise InputError(f"input tar {path} is unreadable ({err})") from err
+        images, found, unusable = _index_tar(path)
         for key in sorted(images):
             if key not in found:
                 raise InputError(f"input tar {path}: sample {key!r} has no .cls/.label member")
             items.append(Item(path, images[key], found[key], f"{Path(path).name}/{key}"))
             labels.add(found[key])
-    if not items:
+        # Listed (and so counted as skipped, by name) rather than dropped without a word.
+        items.extend(Item(path, name, -1, f"{Path(path).name}/{name}", why) for name, why in sorted(unusable.items()))
+    if not any(not item.problem for item in items):
         raise InputError(f"no images found in {len(paths)} tar files")
     # Integer labels carry no names: the class map is the identity over 0..max.
     classes = {str(i): i for i in range(max(labels) + 1)}
     return items, classes
+
+
+def _unusable_image(member: tarfile.TarInfo) -> str:
+    """Why an image member cannot be a sample ("" if it can): a link, or a hidden name such as
+    ``dir/.jpg``, whose sample key would be empty."""
+    if member.issym() or member.islnk():
+        kind = "symbolic" if member.issym() else "hard"
+        return f"a {kind} link to {member.linkname!r}, not an image; store the image itself in the tar"
+    if not member.isreg():
+        return "not a regular file"
+    if Path(member.name).name.startswith("."):
+        return "a hidden file name (no sample key)"
+    return ""
+
+
+def _index_tar(path: str) -> tuple[dict[str, str], dict[str, int], dict[str, str]]:
+    """One tar's image members by key, its labels by key, and its image members that cannot be
+    samples (member name -> reason)."""
+    from webdataset.tariterators import base_plus_ext
+
+    images: dict[str, str] = {}
+    found: dict[str, int] = {}
+    unusable: dict[str, str] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if member.isdir():
+                    continue
+                name = Path(member.name).name
+                ext = name.rsplit(".", 1)[-1].lower() if "." in name else ""
+                why = _unusable_image(member) if ext in TAR_IMAGE_KEYS else ""
+                key, full_ext = base_plus_ext(member.name)  # webdataset's own key/extension split
+                if why:
+                    unusable[member.name] = why
+                elif member.isreg() and key is not None and full_ext.lower() in TAR_IMAGE_KEYS:
+                    images[key] = member.name
+                elif member.isreg() and key is not None and full_ext.lower() in TAR_LABEL_KEYS:
+                    found[key] = int(tar.extractfile(member).read().decode().strip())
+    except (tarfile.TarError, OSError, ValueError) as err:
+        raise InputError(f"input tar {path} is unreadable ({err})") from err
+    return images, found, unusable
 
 
 def list_inputs(spec: str) -> tuple[list[Item], dict[str, int]]:
@@ -185,6 +234,8 @@ class ImageItems:
 
     def __getitem__(self, i: int) -> tuple[int, np.ndarray | None, int, str, str]:
         item = self.items[i]
+        if item.problem:
+            return i, None, item.label, item.key, item.problem
         try:
             data = read_item_bytes(item, self._tars)
             return i, load_image(data, self.image_size, item.key), item.label, item.key, ""

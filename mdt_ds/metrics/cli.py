@@ -202,6 +202,7 @@ def run_show(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mdt_ds.data.imagenet import InputError
     from mdt_ds.metrics.inception import InceptionWeightsError
     from mdt_ds.metrics.npz import NpzFormatError
 
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = runner(args)
         finished = True
-    except (NpzFormatError, InceptionWeightsError, FileNotFoundError) as err:
+    except (NpzFormatError, InceptionWeightsError, InputError, FileNotFoundError) as err:
         print(f"mdt-eval: error: {err}", file=sys.stderr)
         code = 2
     finally:

@@ -47,7 +47,12 @@ def _open_member_array(path: Path, zf: zipfile.ZipFile, name: str) -> np.ndarray
         else:
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
         header_len = f.tell()
-    if info.compress_type == zipfile.ZIP_STORED and not fortran and not dtype.hasobject:
+    if dtype.hasobject:  # loading it needs allow_pickle, i.e. running whatever the file pickled
+        raise NpzFormatError(
+            f"{path}: {name[:-4]} is an object array (dtype=object), which only loads with allow_pickle and is "
+            "refused; save plain numeric arrays, e.g. np.savez(path, np.stack(images).astype(np.uint8))"
+        )
+    if info.compress_type == zipfile.ZIP_STORED and not fortran:
         offset = _member_offset(path, info) + header_len
         if int(np.prod(shape)) == 0:
             return np.zeros(shape, dtype)

@@ -10,14 +10,14 @@ from typing import Any
 import numpy as np
 
 from mdt_ds.metrics.npz import AdmBatch
-from mdt_ds.sampling import save_grid
+from mdt_ds.sampling import MIN_TILE, enlarge, save_grid
 
 
 def _font(tile_height: int):
     from PIL import ImageFont
 
-    try:  # Pillow >= 10.1 scales its built-in font; a label a twelfth of the tile stays legible
-        return ImageFont.load_default(size=max(8, tile_height // 12))
+    try:  # Pillow >= 10.1 scales its built-in font; a label an eighth of the tile stays legible
+        return ImageFont.load_default(size=max(8, tile_height // 8))
     except TypeError:
         return ImageFont.load_default()
 
@@ -43,13 +43,15 @@ def label_tiles(images: np.ndarray, labels: np.ndarray) -> np.ndarray:
 def show_npz(
     path: str | Path, out: str | Path | None = None, nrow: int = 8, max_images: int = 64, labels: bool = True
 ) -> dict[str, Any]:
-    """Write the first ``max_images`` images of ``path`` as a grid (``nrow`` per row; default
-    ``out``: ``NPZ.grid.png`` beside it); returns what was written."""
+    """Write the first ``max_images`` images of ``path`` as a grid (``nrow`` per row, tiles under
+    MIN_TILE px enlarged; default ``out``: ``NPZ.grid.png`` beside it); returns what was written."""
     path = Path(path)
     batch = AdmBatch(path)
     count = min(len(batch), max_images)
     images = np.asarray(batch.images[:count])
     labelled = labels and batch.labels is not None and len(batch.labels) >= count
+    # Enlarged before labelling: on a 32-px tile the smallest legible label covered a third of it.
+    images = enlarge(images, MIN_TILE)
     if labelled:
         images = label_tiles(images, np.asarray(batch.labels[:count]))
     out = Path(out) if out is not None else path.with_name(path.stem + ".grid.png")

@@ -68,27 +68,20 @@ class VAECodec:
     def from_pretrained(
         cls, source: str = "mse", device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
     ) -> "VAECodec":
-        """Load by short name ("mse", "ema"), hub id or local directory. With HF_HUB_OFFLINE=1
-        (or no network) a missing download fails with a message saying how to provide it."""
-        from diffusers import AutoencoderKL
-
+        """Load by short name ("mse", "ema"), hub id or local directory. A hub id is read from the
+        local Hugging Face cache first and downloaded only if it is not there; with
+        HF_HUB_OFFLINE=1 (or no network) a missing download fails with a message saying how to
+        provide it. A local path that does not exist says so (and how to point to the folder)."""
         repo = SD_VAE_IDS.get(source, source)
+        check_vae(repo)  # a moved folder: one line naming it, not the hub's advice for a path
         try:
-            # low_cpu_mem_usage=False: the meta-device init needs `accelerate` (not a dependency);
-            # diffusers would otherwise print a multi-line "accelerate was not found" block.
-            vae = AutoencoderKL.from_pretrained(repo, torch_dtype=dtype, low_cpu_mem_usage=False)
+            vae = _load_autoencoder(repo, dtype)
         except (OSError, ValueError) as err:
-            offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-            hint = "HF_HUB_OFFLINE is set, so nothing is downloaded. " if offline else ""
-            # One line (CLIs print it as their error line), naming the repo actually asked for and
-            # today's hub command: huggingface_hub >= 1.0 ships `hf`, not `huggingface-cli`.
             cause = " ".join(str(err).split())[:200]
-            raise CodecError(
-                f"cannot load the VAE {repo!r}: {hint}Download it once on a machine with internet "
-                f"(hf download {repo}) and pass its local directory (hf download {repo} --local-dir DIR), or "
-                f"fill the Hugging Face cache (HF_HOME / HF_HUB_CACHE). Cause: {err.__class__.__name__}: {cause}"
-            ) from err
-        return cls(vae.to(device), source=str(repo))
+            raise CodecError(f"{_hub_advice(repo)} Cause: {err.__class__.__name__}: {cause}") from err
+        # A local folder is recorded (in manifests) absolute: a relative one would break from another cwd.
+        local = Path(repo).expanduser().is_dir()
+        return cls(vae.to(device), source=os.path.abspath(Path(repo).expanduser()) if local else str(repo))
 
     @classmethod
     def from_config(cls, config: dict[str, Any], seed: int = 0, source: str = "random") -> "VAECodec":
@@ -140,6 +133,75 @@ TINY_VAE_CONFIG: dict[str, Any] = dict(
     norm_num_groups=8,
     sample_size=64,
 )
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+
+
+def _load_autoencoder(repo: str, dtype: torch.dtype) -> torch.nn.Module:
+    """The AutoencoderKL of a local folder or a hub id, the local cache tried first: online,
+    a cached id would otherwise make the hub client retry the network (minutes without one)."""
+    from diffusers import AutoencoderKL
+
+    # low_cpu_mem_usage=False: the meta-device init needs `accelerate` (not a dependency);
+    # diffusers would otherwise print a multi-line "accelerate was not found" block.
+    kwargs = dict(torch_dtype=dtype, low_cpu_mem_usage=False)
+    if Path(repo).expanduser().is_dir() or _offline():
+        return AutoencoderKL.from_pretrained(repo, **kwargs)
+    try:
+        return AutoencoderKL.from_pretrained(repo, local_files_only=True, **kwargs)
+    except (OSError, ValueError):  # not cached (or incomplete): download it
+        return AutoencoderKL.from_pretrained(repo, **kwargs)
+
+
+def _hub_advice(repo: str, how: str = "") -> str:
+    """Why a hub id did not load and how to provide it, in one line (CLIs print it as their error
+    line), naming the repo asked for and today's hub command (huggingface_hub >= 1.0 ships `hf`)."""
+    hint = "HF_HUB_OFFLINE is set, so nothing is downloaded. " if _offline() else ""
+    return (
+        f"cannot load the VAE {repo!r}: {hint}Download it once on a machine with internet "
+        f"(hf download {repo}) and pass its local directory{f' ({how})' if how else ''} "
+        f"(hf download {repo} --local-dir DIR), or fill the Hugging Face cache (HF_HOME / HF_HUB_CACHE)."
+    )
+
+
+def is_local_path(name: str) -> bool:
+    """Whether a codec name means a folder on this machine rather than a hub id ("owner/name"):
+    an existing folder, or a name no hub id can be (absolute, ./ ../ ~, or more than one /)."""
+    if name in SD_VAE_IDS or name in ("pixel", "tiny-random"):
+        return False
+    return Path(name).expanduser().is_dir() or name.startswith(("/", ".", "~")) or name.count("/") > 1
+
+
+def check_vae(name: str, how: str = "") -> None:
+    """Raise :class:`CodecError` in one line when the VAE ``name`` cannot load here: a local
+    folder that does not exist (or holds no config.json), or a hub id that is not in the local
+    cache while HF_HUB_OFFLINE is set. ``how`` is how the caller's user names the folder
+    (``--vae DIR``, ``data.vae=DIR``). Cheap: nothing is loaded."""
+    fix = f"pass {how}, DIR being where it is now" if how else "pass the path where it is now"
+    name = SD_VAE_IDS.get(name, name)
+    if name in ("pixel", "tiny-random"):
+        return
+    if is_local_path(name):
+        path = Path(name).expanduser()
+        if not path.is_dir():
+            raise CodecError(f"the VAE folder {name} does not exist (moved, or not copied to this machine?): {fix}")
+        if not (path / "config.json").is_file():
+            raise CodecError(f"{name} is not a VAE folder (it holds no config.json, which diffusers' save_pretrained "
+                             f"writes): pass the folder that does{f' ({how})' if how else ''}")
+        return
+    if _offline() and not _in_hub_cache(name):
+        raise CodecError(_hub_advice(name, how))
+
+
+def _in_hub_cache(repo: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo, "config.json"), str)
+    except ValueError:  # not a valid repo id: from_pretrained will say so
+        return True
 
 
 def load_codec(name: str, device: str | torch.device = "cpu", channels: int = 3) -> PixelCodec | VAECodec:

@@ -33,6 +33,8 @@ def resolve_weights_path(spec: str | Path) -> Path:
     text = str(spec)
     if not text.startswith(HF_PREFIX):
         path = Path(text).expanduser()
+        if path.is_dir():
+            raise WeightsFileError(_folder_message(path))
         if not path.is_file():
             raise WeightsFileError(f"weights file {path} does not exist")
         return path
@@ -63,6 +65,32 @@ def resolve_weights_path(spec: str | Path) -> Path:
         ) from None
 
 
+def _folder_message(path: Path) -> str:
+    """What to pass instead of a folder: a training checkpoint folder has a weights file beside it
+    (the run's EMA snapshot) and converts into one."""
+    if (path / "meta.json").is_file() or path.name.startswith("step_"):
+        run = path.parent.parent
+        return (
+            f"{path} is a training checkpoint folder, not a weights file: use an EMA snapshot "
+            f"({run / 'snapshots'}/ema_*.pt), or convert it: python -m mdt_ds.tools.convert_checkpoint {path} OUT.pt"
+        )
+    return f"{path} is a folder, not a weights file: pass a .pt/.pth or .safetensors file"
+
+
+# How a torch.save file starts: a zip archive (torch >= 1.6) or a pickle of protocol 2 or later.
+_CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _check_magic(path: Path, expected: str) -> None:
+    """Refuse a file that is neither a zip nor a pickle (a config.json, notes) as "not a
+    checkpoint": the weights-only unpickler would call its bytes unsafe pickled code."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not head.startswith(_CHECKPOINT_MAGIC):
+        kind = " (it holds JSON, e.g. a run's config.json)" if head[:1] in (b"{", b"[") else ""
+        raise WeightsFileError(f"{path} is not a checkpoint{kind}: expected {expected}")
+
+
 def _read_weights(path: Path) -> object:
     """The file's content, loaded without executing pickled code; a file that is no checkpoint
     (text, a truncated download) is reported as such instead of the unpickler's KeyError."""
@@ -74,8 +102,9 @@ def _read_weights(path: Path) -> object:
             from safetensors.torch import load_file
 
             return load_file(str(path))
+        _check_magic(path, expected)
         return safe_torch_load(path, map_location="cpu")
-    except UnsafeCheckpointError:
+    except (UnsafeCheckpointError, WeightsFileError):
         raise
     except Exception as err:  # torch/safetensors raise KeyError, RuntimeError, EOFError... on foreign bytes
         raise WeightsFileError(

@@ -70,8 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="mse",
         help="'mse'/'ema' (SD VAE), a hub id, a local VAE folder, 'pixel', or 'tiny-random' (tests)",
     )
-    p.add_argument("--image-size", type=int, default=256, help="ADM centre crop size (256 or 512)")
-    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--image-size", type=int, default=256,
+                   help="ADM centre crop size in pixels, e.g. 256 or 512 (32 or 64 for small tests); "
+                   "a multiple of 8 for a VAE")
+    p.add_argument("--samples-per-shard", type=int, default=1000,
+                   help="samples per output shard (a rerun redoes unfinished shards only)")
     p.add_argument("--batch-size", type=int, default=64, help="images per VAE call (the flips double it)")
     p.add_argument("--workers", type=int, default=default_workers(),
                    help="image decoding processes per rank (0: in-process); default min(4, CPUs this process may use)")
@@ -97,10 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="", help="default: cuda:<local rank> if available, else cpu")
     p.add_argument("--order-seed", type=int, default=0, help="seed of the fixed sample order; -1 keeps input order")
     p.add_argument("--limit", type=int, default=0, help="only the first N samples of that order (trials)")
-    p.add_argument("--prefix", default="train")
+    p.add_argument("--prefix", default="train", help="shard file names: PREFIX-000000.tar, ...")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     p.add_argument("--wait-timeout", type=float, default=6 * 3600, help="seconds rank 0 waits for other ranks")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verify", metavar="DIR", help="check every shard's sha256 against DIR/manifest.json and exit")
     args = p.parse_args(argv)
     if not args.verify and (not args.input or not args.output):

@@ -18,7 +18,8 @@ import sys
 from typing import Any, NoReturn
 
 from mdt_ds.checkpoint import GiB, estimate_bytes, snapshot_suffixes
-from mdt_ds.config import ConfigError, TrainConfig, checkpointing_scope, resolve_batch
+from mdt_ds.clihelp import HelpFormatter
+from mdt_ds.config import PRECISIONS, ConfigError, TrainConfig, checkpointing_scope, resolve_batch
 from mdt_ds.models import MDTv2, build_model
 from mdt_ds.models.checkpointing import checkpointed_blocks
 from mdt_ds.models.flops import count_macs, count_params, train_macs_per_image
@@ -28,12 +29,14 @@ from mdt_ds.monitor import PEAK_PARTS, table_peak_flops
 # default is an assumption, said so in every report: 0.35 is what well-tuned DiT-size trainers
 # reach in bf16 (the project's goal is 0.5 on an H100).
 DEFAULT_MFU = 0.35
-# MDTV2_REFERENCE.md section 4: the published FID 1.58 of MDTv2-XL/2 is at 4600K steps x 256.
+# Gao et al., "MDTv2: Masked Diffusion Transformer is a Strong Image Synthesizer" (2023): the
+# published FID 1.58 of MDTv2-XL/2 is at 4600K steps x 256.
 PAPER_STEPS, PAPER_BATCH = 4_600_000, 256
-PAPER_SOURCE = "MDTV2_REFERENCE.md section 4: MDTv2-XL/2 FID 1.58 at 4600K steps x batch 256"
+PAPER_SOURCE = ('Gao et al. 2023, "MDTv2: Masked Diffusion Transformer is a Strong Image Synthesizer": '
+                "MDTv2-XL/2 FID 1.58 at 4600K steps x batch 256")
 RELEASE_ANCHOR = (
-    "the release (fp32, VAE online every step) reports about 200K steps a day for XL/2 on 32 A100-40GB "
-    "(MDTV2_REFERENCE.md section 3), about 19 img/s per GPU"
+    "the official release (github.com/sail-sg/MDT; fp32, VAE online every step) reports about 200K steps "
+    "a day for XL/2 on 32 A100-40GB, about 19 img/s per GPU"
 )
 IMAGENET_TRAIN_IMAGES = 1_281_167
 # SD-VAE encodes per second and GPU at 256 px in bf16: an assumption (no GPU has measured it here;
@@ -218,10 +221,14 @@ def extraction(vae_imgs_per_s: float, gpus: int) -> dict[str, float]:
 # --------------------------------------------------------------------------- the report
 def peak(args: argparse.Namespace) -> tuple[float, str]:
     """(peak FLOP/s, where it comes from): --peak-tflops, else the datasheet table."""
-    kind = "bf16" if args.precision in ("bf16", "bf16-amp", "fp16") else "tf32" if args.tf32 else "fp32"
+    half = {"bf16": "bf16", "bf16-amp": "bf16", "fp16": "fp16"}
+    kind = half.get(args.precision) or ("tf32" if args.tf32 else "fp32")
     if args.peak_tflops:
         return args.peak_tflops * 1e12, f"--peak-tflops {args.peak_tflops:g}"
     found = table_peak_flops(args.gpu, kind)
+    if found is None and table_peak_flops(args.gpu, "fp16") is not None:  # known, without bf16 (V100)
+        raise ConfigError(f"--gpu {args.gpu!r} has no bf16 tensor cores: use --precision fp16 (what a V100 "
+                          "trains in), or pass --peak-tflops with the rate you expect")
     if found is None:
         raise ConfigError(
             f"--gpu {args.gpu!r} is not in the peak table (known: {', '.join(PEAK_PARTS)}); "
@@ -397,20 +404,23 @@ def _number(kind: type, low: float, high: float | None = None, low_open: bool = 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = TrainConfig()
-    p = _Parser(prog="mdt-info", description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog="mdt-info", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", default="MDTv2-XL/2", help="model preset (mdt_ds/config.py MODEL_PRESETS)")
     p.add_argument("--gpus", type=_number(int, 1), default=8, help="GPUs (data-parallel ranks)")
     p.add_argument("--micro-batch", type=_number(int, 1), default=32, help="images per GPU per forward")
     p.add_argument("--global-batch", type=_number(int, 1), default=d.global_batch, help="images per step (paper: 256)")
-    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=d.zero_stage)
-    p.add_argument("--precision", choices=("bf16", "bf16-amp", "fp16", "fp32"), default=d.precision)
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=d.zero_stage,
+                   help="DeepSpeed ZeRO stage: what is sharded over the GPUs (the run's zero_stage)")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="training precision (the run's precision); fp16 on V100s, which lack bf16")
     p.add_argument("--grad-reduce-dtype", choices=("auto", "fp32", "bf16"), default=d.grad_reduce_dtype,
                    help="dtype of the gradient reduction (auto: DeepSpeed's, the training precision)")
     p.add_argument("--bandwidth-gbs", type=_number(float, 0, low_open=True), default=DEFAULT_BANDWIDTH_GBS,
                    help="per-GPU bandwidth of the collectives in GB/s, for the communication time")
     p.add_argument("--universal-every", type=_number(int, 0), default=d.universal_every,
                    help="the world-size-independent form in every Nth checkpoint (0: only at stops and the end)")
-    p.add_argument("--optimizer", choices=("adan", "adamw"), default=d.optim.name)
+    p.add_argument("--optimizer", choices=("adan", "adamw"), default=d.optim.name,
+                   help="optimizer state per parameter: Adan keeps 4 fp32 tensors, AdamW 2")
     p.add_argument(
         "--activation-checkpointing",
         default=d.activation_checkpointing,
@@ -431,7 +441,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--keep-snapshots", type=_number(int, 0), default=d.keep_snapshots, help="EMA snapshots kept (0: all)"
     )
-    p.add_argument("--snapshot-format", choices=("pt", "safetensors", "both"), default=d.snapshot_format)
+    p.add_argument("--snapshot-format", choices=("pt", "safetensors", "both"), default=d.snapshot_format,
+                   help="EMA snapshot files written (both: twice the disk)")
     p.add_argument(
         "--vae-imgs-per-s",
         type=_number(float, 0, low_open=True),

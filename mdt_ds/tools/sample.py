@@ -284,7 +284,8 @@ def _add_input_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="the decoder: 'ema' (sd-vae-ft-ema), 'mse', 'pixel', a hub id or directory ('tiny-random' for "
         "tests). Default: for a run's EMA snapshot, the codec it was trained on (snapshots/config.json -> "
-        "the data manifest); for official checkpoints 'ema', the paper's FID decoder",
+        "the data manifest; if that VAE folder moved, pass its new place here); for official checkpoints 'ema', "
+        "the paper's FID decoder",
     )
 
 
@@ -293,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mdt-sample", description=__doc__, formatter_class=HelpFormatter
     )
     _add_input_args(p)
-    p.add_argument("--num-samples", type=int, default=50_000)
+    p.add_argument("--num-samples", type=int, default=50_000, help="images to make (FID-50K: 50000)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward, per rank")
     p.add_argument("--seed", type=int, default=0, help="global seed; image i uses seeds derived from (seed, i)")
     p.add_argument(
@@ -360,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="'auto' (this rank's GPU, else CPU), 'cpu', 'cuda'")
     p.add_argument("--timeout-min", type=float, default=dist.DEFAULT_TIMEOUT_MIN,
                    help="minutes a collective (the start, the final count) may wait for the other ranks")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -411,16 +412,17 @@ def sample_main(args: argparse.Namespace) -> Callable[[], None] | None:
     """Sample this rank's share. Returns, on rank 0 once every index exists, the pack of the
     npz: run after the process group is left, so the other ranks need not wait in a collective
     (whose timeout a 50K pack of large images can outlast) and end as soon as their shards are in."""
-    from mdt_ds.models.codec import load_codec
+    from mdt_ds.models.codec import check_vae, load_codec
     from mdt_ds.tools.convert_checkpoint import resolve_weights_path
 
     device = _device(args)
     hub = str(args.ckpt).startswith("hf://")
     args.ckpt_file = resolve_weights_path(args.ckpt)
-    state = load_state(args.ckpt_file)  # first: a bad file fails before anything is written
-    cfg = model_config(args.model, args.config, args.ckpt_file, state, hub=hub)
     run_file = run_config_file(args.model, args.config, args.ckpt_file, hub)
     args.vae = choose_codec(args.vae, run_file)
+    check_vae(args.vae, "--vae DIR")  # a moved VAE folder fails now, in one line, not after the model loads
+    state = load_state(args.ckpt_file)  # before anything is written: a bad file fails first
+    cfg = model_config(args.model, args.config, args.ckpt_file, state, hub=hub)
     try:
         options = _options(args, trained_timesteps(run_file), _label_classes(run_file, cfg))
     except ValueError as err:  # e.g. --cfg-interval beyond a run trained on fewer timesteps

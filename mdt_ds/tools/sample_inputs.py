@@ -201,7 +201,13 @@ def choose_codec(requested: str | None, run_file: Path | None) -> str:
         if trained is not None:
             log.info("decoding with %r, the codec the run was trained on (its data manifest)", trained)
         return trained or DEFAULT_CODEC
-    if trained is not None and _codec_key(requested) != _codec_key(trained):
+    from mdt_ds.models.codec import is_local_path
+
+    if trained is not None and is_local_path(trained) and not Path(trained).expanduser().is_dir():
+        # The run's VAE folder moved (data copied elsewhere): --vae names its new place, no warning.
+        log.info("the run's VAE folder %s is not here; decoding with --vae %s (it must be the same VAE)",
+                 trained, requested)
+    elif trained is not None and _codec_key(requested) != _codec_key(trained):
         log.warning(
             "--vae %s differs from the codec the run was trained on (%s): its latents decode "
             "correctly only with that one; omit --vae to use it",

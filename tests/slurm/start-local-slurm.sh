@@ -11,7 +11,7 @@
 # Environment: MDT_SLURM_NODES (2), MDT_SLURM_CPUS (CPUs per emulated node: this host's),
 # MDT_SLURM_NO_INSTALL=1 (fail instead of installing missing packages).
 # Prints the env file's lines (SLURM_CONF=..., MDT_SLURM_DIR=...) on success.
-# Facts behind the settings: ../shared/docs/LOCAL_SLURM.md.
+# Facts behind the settings: README "Testing it on one machine" and the comments below.
 set -euo pipefail
 
 BASE=${1:-${MDT_SLURM_DIR:-/tmp/mdt-local-slurm}}
