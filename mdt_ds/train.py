@@ -28,7 +28,7 @@ EXIT_INTERRUPTED = 130  # stopped at once by a second Ctrl-C (the shell's 128 + 
 RESUMABLE_CHANGES = {"steps", "log_every", "ckpt_every", "sample_every", "force_resume", "max_bad_steps", "init_from",
                      "time_budget_min", "fid_every", "fid_images", "fid_steps", "fid_inception", "run_dir",
                      "keep_ckpts", "snapshot_every", "keep_snapshots", "snapshot_format", "stop_check_every",
-                     "cpu_malloc", "optim.fused", "universal_every", "explode_factor",
+                     "cpu_malloc", "optim.fused", "universal_every", "explode_factor", "data.vae",
                      # how the ranks talk, not what they compute
                      "comm.timeout_min", "comm.reduce_bucket_size", "comm.allgather_bucket_size", "comm.overlap_comm",
                      "comm.multi_rank_bucket_allreduce",
@@ -77,10 +77,14 @@ def prepare_run_dir(cfg: TrainConfig) -> Path:
 
 
 def config_change(saved: Path, cfg: TrainConfig) -> str | None:
-    """Why ``cfg`` may not continue the run saved in ``saved`` (None: it may)."""
+    """Why ``cfg`` may not continue the run saved in ``saved`` (None: it may). A key the saved
+    config lacks (added by a later version) is unchanged when it has its default: the old run
+    ran with that behaviour."""
     if not saved.is_file():
         return None
     old, new = _flat(json.loads(saved.read_text())), _flat(to_dict(cfg))
+    for key, default in _flat(to_dict(TrainConfig())).items():
+        old.setdefault(key, default)
     changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
     if not changed:
         return None
@@ -95,12 +99,14 @@ def train(cfg: TrainConfig) -> dict:
     try:
         from mdt_ds.checkpoint import remove_stale
         from mdt_ds.data.compat import fit_model_to_data
+        from mdt_ds.grids import check_decoder
         from mdt_ds.rundir import lock_run_dir
         from mdt_ds.trainer import Trainer
 
         env = dist.init(argv=sys.argv, use_deepspeed=True, timeout_min=cfg.comm.timeout_min)
         setup_logging(env.rank)
         cfg = fit_model_to_data(cfg)  # before anything is built; config.json keeps the resolved values
+        check_decoder(cfg)  # grids and the FID decode: a moved VAE is one line now, not a failed grid later
         lock = lock_run_dir(Path(cfg.run_dir).resolve())
         try:
             run_dir = prepare_run_dir(cfg)

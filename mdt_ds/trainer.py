@@ -526,7 +526,7 @@ class Trainer:
         model.load_state_dict(self._gathered_ema(), strict=True)
         options = sample_options(cfg.diffusion, cfg.fid_steps, label_classes=self.loader.num_classes)
         codec, extractor = dist.load_everywhere(lambda: (
-            codec_for_source(cfg.data.source, cfg.model.in_channels, device=self.device),
+            codec_for_source(cfg.data.source, cfg.model.in_channels, device=self.device, vae=cfg.data.vae),
             cached_extractor(cfg.fid_inception or None, self.device),
         ), "the VAE and the Inception network for the in-training FID")
         result = fid_for_model(model.eval(), codec, cfg.fid_ref, num_images=cfg.fid_images, seed=cfg.seed,
