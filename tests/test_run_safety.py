@@ -225,7 +225,8 @@ def snapshot_fails(state, cfg, run_dir, step):
     raise CheckpointError("the EMA snapshot could not be written")
 
 trainer.save_ema_snapshot = snapshot_fails  # on rank 0, the only writer
-fake = types.SimpleNamespace(_gathered_ema=dict, run_dir=run, disk={"snapshot": 0}, step=10, cfg=None)
+fake = types.SimpleNamespace(_gathered_ema=dict, run_dir=run, disk={"snapshot": 0}, step=10, cfg=None,
+                             _publishing_blocked=lambda what: False)
 try:
     trainer.Trainer.snapshot(fake)
     seen["snapshot_alone"] = "written"

@@ -346,11 +346,13 @@ def test_cli_dry_run_and_bad_override() -> None:
     env = child_env()
     # XL/2 takes 32x32x4 latents; the default data are 16x16x1 digits: auto takes the data's shape
     dry = subprocess.run([PYTHON, "-m", "mdt_ds.train", "--dry-run", "model.preset=MDTv2-XL/2", "model.input_size=auto",
-                          "model.in_channels=auto"], env=env, capture_output=True, text=True, timeout=120, cwd=REPO)
+                          "model.in_channels=auto", "model.num_classes=auto"], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
     assert dry.returncode == 0, dry.stderr
     shown = json.loads(dry.stdout)
     assert shown["config"]["model"]["hidden_size"] == 1152 and shown["deepspeed"]["train_batch_size"] == 256
     assert shown["config"]["model"]["input_size"] == 16 and shown["config"]["model"]["in_channels"] == 1
+    assert shown["config"]["model"]["num_classes"] == 10
     bad = subprocess.run([PYTHON, "-m", "mdt_ds.train", "--dry-run", "precision=bf17"], env=env,
                          capture_output=True, text=True, timeout=120, cwd=REPO)
     assert bad.returncode == 2 and "precision" in bad.stderr and "'bf16'" in bad.stderr
