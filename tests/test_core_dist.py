@@ -227,3 +227,24 @@ def test_each_process_finds_its_gpu_or_one_clear_error() -> None:
         dist.local_gpu(5, 1, shown_one_each=False)
     with pytest.raises(ConfigError, match=r"LOCAL_RANK=5 but this process sees 2 GPU\(s\)\. Slurm"):
         dist.local_gpu(5, 2)
+
+
+def test_the_collective_timeout_reaches_the_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """comm.timeout_min / --timeout-min become the group's timeout, through torch and through
+    DeepSpeed (whose own default is 10 minutes), instead of the libraries' defaults."""
+    import datetime
+
+    import deepspeed
+
+    given: list[tuple[str, object]] = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, **kw: given.append(("torch", kw["timeout"])))
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: given.append(("deepspeed", kw["timeout"])))
+    monkeypatch.setattr(dist, "export", lambda env: None)  # leave this process's environment alone
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    dist.init(timeout_min=7)
+    dist.init(use_deepspeed=True, timeout_min=90)
+    assert given == [("torch", datetime.timedelta(minutes=7)), ("deepspeed", datetime.timedelta(minutes=90))]
+    assert dist.DEFAULT_TIMEOUT_MIN == 60

@@ -807,3 +807,16 @@ def test_step_guard_judges_against_the_running_median_and_recovers() -> None:
         guard.record(step, "ok")
     assert guard.publish_blocked() is None
     assert guard.record(100, "non-finite") is False and guard.record(101, "non-finite") is True  # 3 > 2
+
+
+def test_the_model_is_built_on_its_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No serial CPU init of an XL/2 on every rank followed by a copy: the model is built where it
+    trains (here "meta", which allocates nothing), from the run's seed."""
+    import mdt_ds.engine as engine_mod
+
+    built = []
+    original = engine_mod.build_model
+    monkeypatch.setattr(engine_mod, "build_model", lambda cfg, device=None: built.append(device) or original(cfg, device))
+    cfg = apply_overrides(TrainConfig(), TINY)
+    model = engine_mod.prepare_model(cfg, device=torch.device("meta"))
+    assert built == [torch.device("meta")] and next(model.parameters()).is_meta
