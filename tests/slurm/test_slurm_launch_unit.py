@@ -206,3 +206,20 @@ def test_relay_requeues_for_programs_that_do_not_listen() -> None:
     )
     assert "requeue called" in out.stdout and "still alive" not in out.stdout, out.stdout + out.stderr
     assert out.returncode == -15
+
+
+def test_sbatch_templates_export_the_timeout_and_give_every_srun_its_cpus() -> None:
+    """The templates' multi-node settings: DeepSpeed's collectives wait 60 minutes (its default is
+    10), train.sbatch gives compile one inductor cache per node, and every srun names its CPUs
+    (several Slurm releases do not pass sbatch's --cpus-per-task on; the local cluster's test runs
+    the per-node launchers)."""
+    import re
+
+    from tests.conftest import REPO
+
+    for name in ("train.sbatch", "sample.sbatch"):
+        text = (REPO / "slurm" / name).read_text()
+        assert re.search(r"^export DEEPSPEED_TIMEOUT=\$\{DEEPSPEED_TIMEOUT:-60\}$", text, re.M), name
+        sruns = [line for line in text.splitlines() if line.strip().startswith("srun ")]
+        assert sruns and all("--cpus-per-task=" in line for line in sruns), (name, sruns)
+    assert "export TORCHINDUCTOR_CACHE_DIR=" in (REPO / "slurm" / "train.sbatch").read_text()
