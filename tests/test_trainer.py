@@ -488,15 +488,13 @@ def bare_trainer(tmp_path: Path, *overrides: str, objective=None, device: str = 
     return trainer
 
 
-def test_deferred_finiteness_check_refuses_the_checkpoint_and_names_the_step(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """max_bad_steps=0: no check before each backward (no sync); the NaN of the fourth step is
-    found before the step-4 checkpoint, which is never written, and the error names step 4
-    (1-based, as stats.jsonl numbers steps)."""
+def fake_saves(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[int]:
+    """The trainer's checkpoint and snapshot writes replaced: the steps saved, in order (each
+    runs its before_publish and leaves an empty step folder)."""
     from mdt_ds import trainer as trainer_mod
 
     saved: list[int] = []
+
     def fake_save(engine, ema, run_dir, step, **kwargs):
         saved.append(step)
         kwargs["before_publish"]()
@@ -505,6 +503,18 @@ def test_deferred_finiteness_check_refuses_the_checkpoint_and_names_the_step(
 
     monkeypatch.setattr(trainer_mod, "save_training_state", fake_save)
     monkeypatch.setattr(trainer_mod, "save_ema_snapshot", lambda state, cfg, run_dir, step: Path("ema"))
+    return saved
+
+
+def test_deferred_finiteness_check_refuses_the_checkpoint_and_names_the_step(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """max_bad_steps=0: no check before each backward (no sync); the NaN of the fourth step is
+    found before the step-4 checkpoint, which is never written, and the error names step 4
+    (1-based, as stats.jsonl numbers steps)."""
+    from mdt_ds import trainer as trainer_mod
+
+    saved = fake_saves(monkeypatch, tmp_path)
     tr = bare_trainer(tmp_path, "steps=8", "log_every=100", "ckpt_every=2", "max_bad_steps=0",
                       objective=nan_after(3))
     tr._gathered_ema = lambda: {}
@@ -537,16 +547,7 @@ def test_an_exploding_step_is_bad_and_nothing_is_published_after_it(
     nothing is published while bad steps are pending, and the stop names step 1's checkpoint."""
     from mdt_ds import trainer as trainer_mod
 
-    saved: list[int] = []
-
-    def fake_save(engine, ema, run_dir, step, **kwargs):
-        saved.append(step)
-        kwargs["before_publish"]()
-        (tmp_path / f"step_{step:07d}").mkdir()
-        return tmp_path / f"step_{step:07d}"
-
-    monkeypatch.setattr(trainer_mod, "save_training_state", fake_save)
-    monkeypatch.setattr(trainer_mod, "save_ema_snapshot", lambda state, cfg, run_dir, step: Path("ema"))
+    saved = fake_saves(monkeypatch, tmp_path)
     losses_seen = iter([1.0, 5.5e14] + [math.nan] * 10)
 
     def objective(model_fn, x, y, generator=None, host_rng=None):

@@ -131,14 +131,20 @@ def model_config(
 
 
 # --------------------------------------------------------------------------- codec
-def trained_classes(run_file: Path | None) -> int | None:
-    """How many classes the run in ``run_file`` trained on (its data manifest), or None: an
-    official checkpoint, or data this machine cannot read (then every label row is drawn)."""
+def _training_source(run_file: Path | None) -> str | None:
+    """The ``data.source`` of the run in ``run_file`` (None: no run config, or none in it)."""
     if run_file is None:
         return None
     data = _read_json(run_file).get("data")
     source = data.get("source") if isinstance(data, dict) else None
-    if not source:
+    return source or None
+
+
+def trained_classes(run_file: Path | None) -> int | None:
+    """How many classes the run in ``run_file`` trained on (its data manifest), or None: an
+    official checkpoint, or data this machine cannot read (then every label row is drawn)."""
+    source = _training_source(run_file)
+    if source is None:
         return None
     from mdt_ds.data.compat import data_facts
 
@@ -172,11 +178,8 @@ def _codec_key(name: str) -> str:
 def training_codec(run_file: Path | None) -> str | None:
     """The codec the run in ``run_file`` was trained on (from its data manifest), or None when
     there is no run config or its data cannot be read here (a warning says why)."""
-    if run_file is None:
-        return None
-    data = _read_json(run_file).get("data")
-    source = data.get("source") if isinstance(data, dict) else None
-    if not source:
+    source = _training_source(run_file)
+    if source is None:
         return None
     from mdt_ds.grids import codec_name_for_source
 
